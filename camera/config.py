@@ -1,0 +1,136 @@
+"""Camera settings: one typed model per backend, selected by ``type`` in the line's YAML.
+
+Unknown keys are errors everywhere (``extra="forbid"``): a misspelt node name in a config must fail
+``edge config check``, not silently leave the camera at its power-on default on the line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FreeRunTrigger(_Strict):
+    """The camera exposes continuously; every frame is its own part (part_id = frame_id)."""
+
+    mode: Literal["free_run"] = "free_run"
+    fps: float | None = Field(
+        default=None, gt=0, description="AcquisitionFrameRate to request; None = device default."
+    )
+
+
+class TriggeredMode(_Strict):
+    """One trigger = one part: the frame carries the trigger count as its part id."""
+
+    mode: Literal["triggered"]
+    source: Literal["software", "hardware"] = "software"
+    line: str = Field(default="Line0", description="TriggerSource for hardware triggers.")
+    activation: Literal["RisingEdge", "FallingEdge", "AnyEdge", "LevelHigh", "LevelLow"] = (
+        "RisingEdge"
+    )
+
+
+TriggerSettings = Annotated[FreeRunTrigger | TriggeredMode, Field(discriminator="mode")]
+
+
+class _CameraCommon(_Strict):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    plc_slot: int = Field(ge=0, description="Which PLC verdict slot this camera's parts write to.")
+    trigger: TriggerSettings = Field(default_factory=FreeRunTrigger)
+    stall_timeout_s: float = Field(
+        default=2.0, gt=0, description="No frame for this long while running = camera down."
+    )
+    reopen_backoff_min_s: float = Field(default=0.5, gt=0)
+    reopen_backoff_max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> _CameraCommon:
+        if self.reopen_backoff_max_s < self.reopen_backoff_min_s:
+            raise ValueError("reopen_backoff_max_s must be >= reopen_backoff_min_s")
+        return self
+
+
+class ReplayCameraSettings(_CameraCommon):
+    """A folder of images or a video file played as a camera (demo, bench, re-inspection)."""
+
+    type: Literal["replay"]
+    path: Path
+    fps: float = Field(default=30.0, ge=0, description="0 = as fast as the consumer reads.")
+    loop: bool = True
+    grayscale: bool = False
+    max_lag_frames: int = Field(
+        default=16,
+        ge=1,
+        description="How far behind schedule frames may queue (like a camera's buffer count) "
+        "before overdue frames are dropped and counted as missed.",
+    )
+
+
+class NodeSettings(_Strict):
+    """GenICam feature values, applied in a fixed order (geometry, format, exposure, gain, rate,
+    trigger, then ``extra``) because each node's valid range depends on those before it."""
+
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    offset_x: int | None = Field(default=None, ge=0)
+    offset_y: int | None = Field(default=None, ge=0)
+    pixel_format: str | None = None
+    exposure_us: float | None = Field(default=None, gt=0)
+    gain: float | None = None
+    extra: dict[str, int | float | bool | str] = Field(
+        default_factory=dict, description="Further nodes by GenICam name, applied last, in order."
+    )
+
+
+class DeviceSelector(_Strict):
+    """How to pick one device among those a producer lists; every given field must match."""
+
+    serial_number: str | None = None
+    user_defined_name: str | None = None
+    model: str | None = None
+
+
+class GenicamCameraSettings(_CameraCommon):
+    """A GenTL producer (.cti) driven through harvesters."""
+
+    type: Literal["genicam"]
+    cti: list[Path] = Field(min_length=1)
+    device: DeviceSelector = Field(default_factory=DeviceSelector)
+    nodes: NodeSettings = Field(default_factory=NodeSettings)
+    required_nodes: list[str] = Field(
+        default_factory=list,
+        description="Node names whose absence or rejection is fatal (others are only reported).",
+    )
+    fetch_timeout_s: float = Field(default=0.2, gt=0)
+    buffer_count: int = Field(default=8, ge=1, le=256)
+    output: Literal["mono8", "bgr8"] = "mono8"
+    timestamp_wrap_ns: int | None = Field(
+        default=None,
+        gt=0,
+        description="Period after which the device timestamp wraps (TLSimu: 1_000_000_000).",
+    )
+
+
+class AravisCameraSettings(_CameraCommon):
+    """A GigE Vision camera through Aravis, opened by IP address (never by discovery)."""
+
+    type: Literal["aravis"]
+    address: str = Field(description="The camera's IPv4 address; no broadcast discovery is done.")
+    nodes: NodeSettings = Field(default_factory=NodeSettings)
+    required_nodes: list[str] = Field(default_factory=list)
+    packet_size: int | None = Field(default=None, ge=576, le=16384)
+    fetch_timeout_s: float = Field(default=0.2, gt=0)
+    buffer_count: int = Field(default=8, ge=1, le=256)
+    output: Literal["mono8", "bgr8"] = "mono8"
+
+
+CameraSettings = Annotated[
+    ReplayCameraSettings | GenicamCameraSettings | AravisCameraSettings,
+    Field(discriminator="type"),
+]

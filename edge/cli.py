@@ -1,0 +1,157 @@
+"""`edge`: the one command a technician or a rollout script uses on a line PC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edge.config import DEMO_CONFIG, ConfigError, LineConfig, load_config
+
+app = typer.Typer(
+    help="Edge visual-inspection appliance: run the line daemon, benchmark, calibrate, manage "
+    "models, test the PLC and the uplink.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Validate line configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Line YAML; default: the embedded demo (configs/demo.yaml)."),
+]
+
+
+def _load_or_exit(path: Path) -> LineConfig:
+    from edge.daemon import ExitCode
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"config error in {exc.path}:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(int(ExitCode.CONFIG_ERROR)) from None
+
+
+@config_app.command("check")
+def config_check(file: Annotated[Path, typer.Argument(help="Line YAML to validate.")]) -> None:
+    """Validate FILE; print every problem with its key path; exit 2 if there is any."""
+    cfg = _load_or_exit(file)
+    typer.echo(
+        f"{file}: OK (line {cfg.line}, {len(cfg.cameras)} camera(s), plc {cfg.plc.type}, "
+        f"model {cfg.model.package})"
+    )
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after SECONDS (default: run until SIGTERM).")
+    ] = None,
+    json_summary: Annotated[
+        Path | None, typer.Option("--summary-json", help="Also write the exit summary here.")
+    ] = None,
+) -> None:
+    """Run the line daemon (the demo when no --config is given)."""
+    from edge.daemon import run_daemon
+    from edge.logs import configure_logging, under_systemd
+
+    path = config or DEMO_CONFIG
+    cfg = _load_or_exit(path)
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    tty = sys.stderr.isatty() and not under_systemd()
+    code, daemon = run_daemon(cfg, path, duration, status_line=tty)
+    summary = daemon.stats.summary()
+    summary["exit_reason"] = daemon.exit_reason
+    summary["exit_code"] = int(code)
+    if daemon.plc_sim is not None:
+        c = daemon.plc_sim.counters()
+        summary["plc_simulator"] = {
+            "records_received": c.records_received, "sequence_gaps": c.sequence_gaps,
+            "heartbeats_received": c.heartbeats_received,
+        }
+    if tty:
+        sys.stderr.write("\n")
+    typer.echo(format_summary(summary))
+    if json_summary:
+        json_summary.write_text(json.dumps(summary, indent=2, default=str))
+    raise typer.Exit(int(code))
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    e2e = s["end_to_end_ms"]
+    lines = [
+        "== edge run summary ==",
+        f"frames {s['frames']}  decided {s['decided']}  exit: {s.get('exit_reason', '?')}",
+        "verdicts   " + ("  ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items())) or "-"),
+        "fail-safes " + ("  ".join(f"{k} {v}" for k, v in sorted(s["failsafes"].items())) or "none"),
+        f"deadline misses {s['deadline_misses']} "
+        + (str(s["misses_by_outcome"]) if s["deadline_misses"] else ""),
+        f"latency capture->PLC ack ms: p50 {e2e['p50']:.1f}  p99 {e2e['p99']:.1f}  "
+        f"max {e2e['max']:.1f}  (n={e2e['n']})",
+    ]
+    for stage, st in s["stages_ms"].items():
+        lines.append(f"  {stage:<12} p50 {st['p50']:7.2f}  p99 {st['p99']:7.2f}  max {st['max']:7.2f}")
+    if s.get("plc_simulator"):
+        lines.append(f"plc simulator: {s['plc_simulator']}")
+    if s.get("late_results_discarded"):
+        lines.append(f"late real verdicts discarded (fail-safe already out): "
+                     f"{s['late_results_discarded']}")
+    if s.get("spool_rejected"):
+        lines.append(f"events the spool refused: {s['spool_rejected']}")
+    return "\n".join(lines)
+
+
+@app.command("swap-model")
+def swap_model(
+    package: Annotated[Path, typer.Argument(help="Model package folder (manifest.json + model).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="The line YAML to update.")],
+    pid: Annotated[
+        int | None, typer.Option(help="Daemon PID to send SIGHUP (default: none, edit only).")
+    ] = None,
+) -> None:
+    """Verify PACKAGE, point the line's YAML at it (comments kept), and reload the daemon.
+
+    The daemon loads the new model beside the running one and swaps between batches; a package
+    that fails to load is refused and the old model keeps running.
+    """
+    from models.package import load_package
+    from models.types import ModelPackageError
+    from edge.yamledit import set_yaml_value
+
+    try:
+        pkg = load_package(package)
+    except ModelPackageError as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    set_yaml_value(config, ["model", "package"], str(package.resolve()))
+    _load_or_exit(config)
+    m = pkg.manifest
+    typer.echo(f"{config}: model.package -> {package} ({m.name} {m.version}, sha256 "
+               f"{pkg.model_sha256[:12]})")
+    if pid:
+        os.kill(pid, signal.SIGHUP)
+        typer.echo(f"sent SIGHUP to {pid}; watch the log for reload_model_applied")
+
+
+def _mount_subcommands() -> None:
+    from edge import bench, cli_camera, cli_model, cli_plc, cli_uplink
+
+    app.add_typer(cli_camera.app, name="camera")
+    app.add_typer(cli_plc.app, name="plc")
+    app.add_typer(cli_uplink.app, name="uplink")
+    app.add_typer(cli_model.app, name="model")
+    app.command("calibrate")(cli_camera.calibrate_command)
+    app.command("replay")(cli_camera.replay_command)
+    app.command("bench")(bench.bench_command)
+
+
+_mount_subcommands()

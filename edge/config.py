@@ -1,0 +1,162 @@
+"""The line's configuration: one YAML per line, validated as a whole before anything starts.
+
+Every section is a pydantic model with ``extra="forbid"``: a misspelt key is an error, never a
+silently ignored setting on a production line. Component sections come from the components' own
+config modules (the core composes them). Relative paths are resolved against the YAML's folder, so a
+config and its assets can be moved together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from camera.config import CameraSettings
+from edge.decision import DecisionSettings
+from edge.pipeline import PipelineSettings
+from models.config import ModelSettings
+from plc.config import PlcSettings
+from uplink.config import UplinkSettings
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ObservabilitySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    """Bind address of /metrics and /healthz; loopback unless a scraper must reach it."""
+    port: int = Field(default=9108, ge=0, le=65535)
+    """0 picks a free port (tests, the bench)."""
+    enabled: bool = True
+
+
+class LoggingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    """auto: JSON under systemd or when not on a TTY, readable console output on a TTY."""
+
+
+class StatusSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    heartbeat_ms: float = Field(default=200.0, ge=10, le=10_000)
+    """Period of the heartbeat word; the PLC's watchdog should allow a few periods."""
+    failsafe_alarm_hold_s: float = Field(default=5.0, ge=0)
+    """FAILSAFE_ACTIVE stays set this long after the last fail-safe, so the PLC can see it."""
+    uplink_backlog_alarm: int = Field(default=50_000, ge=1)
+    """Unsent events above which UPLINK_BACKLOG_HIGH is raised."""
+
+
+class LineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    line: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    """Line id; appears in events, S3 keys, Kafka keys and metrics."""
+    cameras: list[CameraSettings] = Field(min_length=1)
+    model: ModelSettings
+    decision: DecisionSettings = Field(default_factory=DecisionSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    plc: PlcSettings
+    uplink: UplinkSettings
+    status: StatusSettings = Field(default_factory=StatusSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_cameras(cls, cams: list[Any]) -> list[Any]:
+        ids = [c.id for c in cams]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"camera ids must be unique; repeated: {dup}")
+        slots = [c.plc_slot for c in cams]
+        dup_slots = sorted({s for s in slots if slots.count(s) > 1})
+        if dup_slots:
+            raise ValueError(f"camera plc_slot values must be unique; repeated: {dup_slots}")
+        return cams
+
+    @model_validator(mode="after")
+    def _roi_cameras_exist(self) -> LineConfig:
+        unknown = sorted(set(self.decision.camera_roi) - {c.id for c in self.cameras})
+        if unknown:
+            raise ValueError(f"decision.camera_roi names unknown cameras {unknown}")
+        return self
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` lists every error as 'key.path: message'."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: {len(problems)} problem(s)\n" + "\n".join(problems))
+
+
+def _yaml() -> YAML:
+    y = YAML(typ="safe", pure=True)
+    return y
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        data = _yaml().load(text)
+    except YAMLError as exc:
+        raise ConfigError(path, [f"YAML syntax: {exc}".replace("\n", " ")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["top level must be a mapping (line:, cameras:, model:, ...)"])
+    return data
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(_loc_part(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt? see the config reference in README.md)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(f"{loc}: {msg}")
+    return problems
+
+
+def _loc_part(p: object) -> str:
+    return f"[{p}]" if isinstance(p, int) else str(p)
+
+
+def load_config(path: Path) -> LineConfig:
+    path = Path(path)
+    data = read_yaml(path)
+    try:
+        cfg = LineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, format_errors(exc)) from None
+    _resolve_paths(cfg, path.resolve().parent)
+    return cfg
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> None:
+    """Make every relative Path in the config relative to the YAML's folder."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            object.__setattr__(model, name, (base / value).resolve())
+        elif isinstance(value, BaseModel):
+            _resolve_paths(value, base)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    _resolve_paths(item, base)
+                elif isinstance(item, Path) and not item.is_absolute():
+                    value[i] = (base / item).resolve()
+        elif isinstance(value, dict):
+            for item in value.values():
+                if isinstance(item, BaseModel):
+                    _resolve_paths(item, base)

@@ -1,0 +1,1 @@
+"""Dataset converters and YOLO-seg label helpers (training tooling; numpy + OpenCV only)."""

@@ -1,0 +1,182 @@
+"""ONNX Runtime detector: the CPU runtime of the appliance (and CUDA where the provider exists).
+
+One ``InferenceSession`` per detector, created with the thread counts of the config: on a 2-core
+box the daemon gives inference a fixed share of the cores and ORT must not spin up one thread per
+core behind its back. ``session.run`` is thread-safe, so several inference workers may share one
+detector. Models exported with a fixed batch of 1 (the default export) are run frame by frame
+inside one ``infer`` call; a dynamic-batch export runs the whole batch at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from models.config import ModelSettings
+from models.decode import DecodeParams, MaskMapper, postprocess
+from models.package import ModelPackage, check_io_shapes
+from models.preprocess import PAD_VALUE, preprocess
+from models.types import Detection, ModelError, ModelInfo, ModelPackageError, Prepared
+
+log = structlog.get_logger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def choose_providers(settings: ModelSettings) -> list[str]:
+    """Providers to ask for; unavailable ones are dropped with a warning, CPU is always last."""
+    available = set(ort.get_available_providers())
+    wanted = (
+        list(settings.providers)
+        if settings.providers
+        else ([CUDA, CPU] if settings.use_cuda else [CPU])
+    )
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        log.warning(
+            "onnxruntime_providers_unavailable",
+            missing=missing,
+            available=sorted(available),
+            hint="install onnxruntime-gpu for CUDA; falling back to what is available",
+        )
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+class OnnxDetector:
+    """models.types.Detector on an ONNX Runtime session."""
+
+    def __init__(self, package: ModelPackage, settings: ModelSettings) -> None:
+        self._package = package
+        manifest = package.manifest
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = settings.intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        providers = choose_providers(settings)
+        try:
+            session = ort.InferenceSession(str(package.model_path), opts, providers=providers)
+        except Exception as e:  # ORT raises untyped runtime errors for bad models
+            raise ModelPackageError(
+                f"{package.model_path}: onnxruntime cannot load this model ({e})"
+            ) from e
+        self._session: ort.InferenceSession | None = session
+        inp = session.get_inputs()
+        outs = session.get_outputs()
+        if len(inp) != 1:
+            raise ModelPackageError(f"{package.model_path}: {len(inp)} inputs; expected 1 image")
+        check_io_shapes(
+            manifest, inp[0].shape, [o.shape for o in outs], where=str(package.model_path)
+        )
+        self._input_name = inp[0].name
+        self._output_names = [o.name for o in outs]
+        self._input_hw = (manifest.input_size[0], manifest.input_size[1])
+        self._dtype: type = np.float16 if inp[0].type == "tensor(float16)" else np.float32
+        batch_dim = inp[0].shape[0]
+        self._fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) else None
+        self.max_batch = settings.max_batch
+        self._classes = tuple(manifest.classes)
+        self._params = DecodeParams(
+            conf=settings.conf_threshold, iou=settings.iou_threshold, max_det=settings.max_det
+        )
+        self._mapper = MaskMapper()
+        self.providers: list[str] = session.get_providers()
+        self.info: ModelInfo = package.info("onnxruntime")
+        self._warm_up(settings.warmup_runs)
+        log.info(
+            "onnx_detector_loaded",
+            model=self.info.model_id,
+            sha256=self.info.sha256[:12],
+            providers=self.providers,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            fixed_batch=self._fixed_batch,
+            max_batch=self.max_batch,
+        )
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self._input_hw
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The raw session, for benchmarks that time ``session.run`` alone."""
+        if self._session is None:
+            raise ModelError("detector is closed")
+        return self._session
+
+    def _warm_up(self, runs: int) -> None:
+        if runs <= 0:
+            return
+        gray: np.ndarray = np.full((1, 3, *self._input_hw), PAD_VALUE / 255.0, dtype=self._dtype)
+        sizes = {1, self.max_batch} if self._fixed_batch is None else {1}
+        for n in sorted(sizes):
+            batch = np.repeat(gray, n, axis=0)
+            for _ in range(runs):
+                self.infer(batch)
+
+    def preprocess(self, image: np.ndarray) -> Prepared:
+        return preprocess(image, self._input_hw, self._dtype)
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        session = self._session
+        if session is None:
+            raise ModelError("detector is closed")
+        try:
+            return list(session.run(self._output_names, {self._input_name: batch}))
+        except Exception as e:  # ORT raises untyped runtime errors
+            raise ModelError(f"onnxruntime inference failed: {e}") from e
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        expected = (3, *self._input_hw)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
+            raise ModelError(
+                f"batch shape {batch.shape}; expected Nx{'x'.join(map(str, expected))}"
+            )
+        if batch.shape[0] > self.max_batch:
+            raise ModelError(f"batch of {batch.shape[0]} exceeds max_batch={self.max_batch}")
+        if batch.dtype != self._dtype:
+            batch = batch.astype(self._dtype)
+        fixed = self._fixed_batch
+        if fixed is None or batch.shape[0] == fixed:
+            return self._run(np.ascontiguousarray(batch))
+        # Fixed-batch export: run in chunks of the exported batch, padding the last chunk.
+        parts: list[list[np.ndarray]] = []
+        n = batch.shape[0]
+        for start in range(0, n, fixed):
+            chunk = batch[start : start + fixed]
+            real = chunk.shape[0]
+            if real < fixed:
+                chunk = np.concatenate([chunk, np.zeros((fixed - real, *expected), chunk.dtype)])
+            parts.append([o[:real] for o in self._run(np.ascontiguousarray(chunk))])
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+    def postprocess(
+        self, outputs: list[np.ndarray], prepared: Sequence[Prepared], *, masks: bool = True
+    ) -> list[list[Detection]]:
+        return postprocess(
+            outputs,
+            prepared,
+            self._classes,
+            self._input_hw,
+            self._params,
+            masks=masks,
+            mapper=self._mapper,
+        )
+
+    def detect(self, image: np.ndarray, *, masks: bool = True) -> list[Detection]:
+        """Convenience for tools and tests: preprocess + infer + postprocess of one image."""
+        p = self.preprocess(image)
+        return self.postprocess(self.infer(p.tensor), [p], masks=masks)[0]
+
+    def close(self) -> None:
+        # Dropping the session frees its arena; later calls raise ModelError.
+        self._session = None

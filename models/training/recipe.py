@@ -1,0 +1,73 @@
+"""The training recipe: the seed design's defaults, typed so a run's settings are recorded exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainRecipe(BaseModel):
+    """Defaults from the design: lr 0.00232, batch 64, 50 epochs (split 70/15/15 is the data's job).
+
+    ``optimizer`` is pinned because ultralytics' ``auto`` silently replaces ``lr0`` with its own
+    choice, which would make the recorded recipe a lie.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    scale: Literal["p", "n", "s"] = "p"
+    """Network width: p (demo, ~4 ms at 256 px on one core), n (yolov8n-seg), s."""
+    weights: Path | None = None
+    """Start from a checkpoint (.pt) instead of from scratch."""
+    imgsz: int = Field(256, ge=32, le=2048, multiple_of=32)
+    epochs: int = Field(50, ge=1)
+    hours: float | None = Field(None, gt=0)
+    """Wall-clock cap; ultralytics then re-fits the epoch count after the first epoch."""
+    batch: int = Field(64, ge=1)
+    lr0: float = Field(0.00232, gt=0)
+    optimizer: Literal["AdamW", "SGD", "Adam"] = "AdamW"
+    patience: int = Field(100, ge=0)
+    seed: int = 0
+    workers: int = Field(2, ge=0)
+    threads: int | None = Field(None, ge=1)
+    cache: bool = True
+    flipud: float = Field(0.5, ge=0, le=1)
+    """Surfaces have no up: vertical flips are free data."""
+    close_mosaic: int = Field(10, ge=0)
+    val: bool = True
+    plots: bool = False
+    project: Path = Path("var/runs")
+    name: str = "train"
+    device: str = "cpu"
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for ``YOLO.train`` (offline-safe: amp off, no plots by default)."""
+        kw: dict[str, Any] = {
+            "data": str(self.data),
+            "imgsz": self.imgsz,
+            "epochs": self.epochs,
+            "batch": self.batch,
+            "lr0": self.lr0,
+            "optimizer": self.optimizer,
+            "patience": self.patience,
+            "seed": self.seed,
+            "deterministic": True,
+            "workers": self.workers,
+            "cache": "ram" if self.cache else False,
+            "flipud": self.flipud,
+            "close_mosaic": self.close_mosaic,
+            "val": self.val,
+            "plots": self.plots,
+            "amp": False,
+            "project": str(self.project.resolve()),
+            "name": self.name,
+            "exist_ok": True,
+            "device": self.device,
+            "verbose": False,
+        }
+        if self.hours is not None:
+            kw["time"] = self.hours
+        return kw

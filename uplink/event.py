@@ -1,0 +1,91 @@
+"""The per-part event: a versioned, JSON-serialisable record (schema: uplink/event.schema.json)."""
+
+from __future__ import annotations
+
+import os
+import time
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ulid import ULID
+
+SCHEMA_VERSION = 1
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_event_id(wall_ns: int | None = None) -> str:
+    """A ULID (48-bit ms time + 80 random bits, Crockford base32): unique and time-sortable."""
+    ms = (time.time_ns() if wall_ns is None else wall_ns) // 1_000_000
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+@dataclass(slots=True)
+class PartEvent:
+    event_id: str
+    """ULID-like: sortable by time, unique; consumers dedupe on it."""
+    line: str
+    camera: str
+    part_id: int
+    sequence: int
+    frame_id: int
+    captured_at: str
+    """RFC 3339 UTC with microseconds."""
+    decided_at: str
+    plc_acked_at: str | None
+    verdict: str
+    """"OK" | "DEFECT" | "FAILSAFE_REJECT"."""
+    reason: str
+    model_id: str
+    detections: list[dict[str, Any]] = field(default_factory=list)
+    """[{"class": str, "score": float, "box": [x1,y1,x2,y2], "area_px": int, "outline": [[x,y],...]}]"""
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    """Per stage: queue, preprocess, infer, postprocess, decide, plc, total."""
+    plc_outcome: str = "acked"
+    image_ref: str | None = None
+    """Object key once an image is attached (defects always, OK sampled)."""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "event_id": self.event_id,
+            "line": self.line,
+            "camera": self.camera,
+            "part_id": self.part_id,
+            "sequence": self.sequence,
+            "frame_id": self.frame_id,
+            "captured_at": self.captured_at,
+            "decided_at": self.decided_at,
+            "plc_acked_at": self.plc_acked_at,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "plc_outcome": self.plc_outcome,
+            "model_id": self.model_id,
+            "detections": self.detections,
+            "latency_ms": self.latency_ms,
+            "image_ref": self.image_ref,
+        }
+
+    def to_json(self) -> str:
+        """Compact JSON, the exact bytes the spool stores and Kafka carries."""
+        return json.dumps(
+            self.to_dict(), separators=(",", ":"), ensure_ascii=False, default=_plain
+        )
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars/arrays slip into detections easily; store them as plain JSON values."""
+    for attr in ("tolist", "item"):
+        fn = getattr(obj, attr, None)
+        if callable(fn):
+            return fn()
+    raise TypeError(f"event field value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def new_event_id() -> str:
+    """A ULID (26 chars, Crockford base32): time-sortable at millisecond resolution and unique,
+    so consumers can dedupe and range-scan on it; per-camera order within a millisecond is given
+    by `sequence`."""
+    return str(ULID())
