@@ -47,8 +47,6 @@ class StatusSettings(BaseModel):
     """Period of the heartbeat word; the PLC's watchdog should allow a few periods."""
     failsafe_alarm_hold_s: float = Field(default=5.0, ge=0)
     """FAILSAFE_ACTIVE stays set this long after the last fail-safe, so the PLC can see it."""
-    uplink_backlog_alarm: int = Field(default=50_000, ge=1)
-    """Unsent events above which UPLINK_BACKLOG_HIGH is raised."""
 
 
 class LineConfig(BaseModel):

@@ -81,6 +81,8 @@ class Daemon:
         self.workers: dict[str, CameraWorker] = {}
         self.heartbeat = 0
         self.alarms = Alarm(0)
+        self.spool_stats: dict[str, Any] = {}
+        """Cached by the supervisor (spool stats query the DB: never on the loop)."""
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -240,10 +242,8 @@ class Daemon:
         hold_ns = self.config.status.failsafe_alarm_hold_s * 1e9
         if p is not None and p.last_failsafe_ns and time.monotonic_ns() - p.last_failsafe_ns < hold_ns:
             alarms |= Alarm.FAILSAFE_ACTIVE
-        if self.spool is not None:
-            with contextlib.suppress(Exception):
-                if int(self.spool.stats().get("unsent", 0)) > self.config.status.uplink_backlog_alarm:
-                    alarms |= Alarm.UPLINK_BACKLOG_HIGH
+        if self.spool_stats.get("alarms"):
+            alarms |= Alarm.UPLINK_BACKLOG_HIGH
         return alarms
 
     async def _heartbeat_loop(self) -> None:
@@ -284,8 +284,7 @@ class Daemon:
                     self._set("model", False, "inference errors")
                 self.metrics.queue_depth.set(p.queue_depth)
             if self.spool is not None and self.components["spool"].detail != "starting":
-                healthy = bool(getattr(self.spool, "healthy", True))
-                self._set("spool", healthy, "ok" if healthy else "spool fault (see logs)")
+                await self._poll_spool()
             # The loop itself is alive if we got here; a wedged loop stops the pings and
             # systemd restarts us.
             self.notifier.watchdog()
@@ -293,6 +292,19 @@ class Daemon:
             if ticks % max(1, int(5 / period)) == 0:
                 self.notifier.status(self._status_text())
             await asyncio.sleep(period)
+
+    async def _poll_spool(self) -> None:
+        assert self.spool is not None
+        loop = asyncio.get_running_loop()
+        try:
+            self.spool_stats = await asyncio.wait_for(
+                loop.run_in_executor(None, self.spool.stats), timeout=5.0
+            )
+        except Exception as exc:  # noqa: BLE001 - a sick spool is an alarm, not a crash
+            self.spool_stats = {"healthy": False, "alarms": [f"stats failed: {exc!r}"]}
+        healthy = bool(self.spool_stats.get("healthy", False))
+        problems = self.spool_stats.get("alarms") or []
+        self._set("spool", healthy, "; ".join(problems) if problems else "ok")
 
     def _status_text(self) -> str:
         s = self.stats
@@ -329,9 +341,8 @@ class Daemon:
             "frames": self.stats.frames,
             "deadline_misses": self.stats.deadline_misses,
         }
-        if self.spool is not None:
-            with contextlib.suppress(Exception):
-                doc["spool"] = self.spool.stats()
+        if self.spool_stats:
+            doc["spool"] = self.spool_stats
         return ok, doc
 
     # ---- signals, reload -------------------------------------------------------------------

@@ -510,13 +510,18 @@ def _run_batch(
     """Runs in an inference thread: every CPU-heavy step of one batch, timed per stage."""
     t0 = time.perf_counter_ns()
     prepared = [detector.preprocess(f.image) for f in frames]
-    batch = prepared[0].tensor if len(prepared) == 1 else np.concatenate(
-        [p.tensor for p in prepared]
-    )
     t1 = time.perf_counter_ns()
-    outputs = detector.infer(batch)
+    step = max(1, detector.max_batch)
+    chunks = [prepared[i : i + step] for i in range(0, len(prepared), step)]
+    outputs = [
+        detector.infer(c[0].tensor if len(c) == 1 else np.concatenate([p.tensor for p in c]))
+        for c in chunks
+    ]
     t2 = time.perf_counter_ns()
-    detections = detector.postprocess(outputs, prepared, masks=masks)
+    detections = [
+        d for c, out in zip(chunks, outputs, strict=True)
+        for d in detector.postprocess(out, c, masks=masks)
+    ]
     t3 = time.perf_counter_ns()
     decisions = [
         rules.decide(d, f.image.shape, f.camera_id) for d, f in zip(detections, frames, strict=True)

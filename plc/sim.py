@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -41,6 +41,8 @@ class SimCounters:
     records_received: list[int] = field(default_factory=list)
     sequence_gaps: list[int] = field(default_factory=list)
     last_sequence: list[int | None] = field(default_factory=list)
+    write_requests: int = 0
+    """Modbus write requests of any kind (one per decision record if the link is right)."""
     heartbeats_received: int = 0
     last_heartbeat: int | None = None
     last_alarms: int = 0
@@ -58,6 +60,8 @@ class ModbusPlcSimulator:
         self.host = host
         self._want_port = self.settings.port if port is None else port
         self.port: int | None = None
+        self.on_record: Callable[[int, layout.DecodedRecord], None] | None = None
+        """Called in the simulator's thread for each decision record received."""
         self.response_delay_s = 0.0
         """Delay applied before each write is executed and answered (to emulate a slow PLC)."""
         self._lock = threading.Lock()
@@ -143,8 +147,10 @@ class ModbusPlcSimulator:
         values = [int(v) for v in set_values]
         cam = self._record_addr.get(address)
         s = self.settings
+        rec = None
         with self._lock:
             c = self._counters
+            c.write_requests += 1
             if cam is not None and count >= layout.RECORD_WORDS:
                 rec = self.map.decode_record(values)
                 last = c.last_sequence[cam]
@@ -160,6 +166,8 @@ class ModbusPlcSimulator:
                     c.last_heartbeat = self.map.decode_u16(v)
                 elif reg == s.alarm_register:
                     c.last_alarms = self.map.decode_u16(v)
+        if rec is not None and cam is not None and self.on_record is not None:
+            self.on_record(cam, rec)
         return None
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 2.0) -> T:
@@ -199,8 +207,8 @@ class ModbusPlcSimulator:
         with self._lock:
             c = self._counters
             return SimCounters(list(c.records_received), list(c.sequence_gaps),
-                               list(c.last_sequence), c.heartbeats_received, c.last_heartbeat,
-                               c.last_alarms, list(c.last_record_at))
+                               list(c.last_sequence), c.write_requests, c.heartbeats_received,
+                               c.last_heartbeat, c.last_alarms, list(c.last_record_at))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,11 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record-stride", type=int, default=16)
     p.add_argument("--word-order", choices=["big", "little"], default="big")
     p.add_argument("--byte-order", choices=["big", "little"], default="big")
+    p.add_argument("--log-records", action="store_true",
+                   help="print 'REC <camera> <sequence> <part_id> <verdict>' per record received")
     a = p.parse_args(argv)
     settings = ModbusSettings(port=a.port, simulator=True, record_base=a.record_base,
                               record_stride=a.record_stride, word_order=a.word_order,
                               byte_order=a.byte_order)
     sim = ModbusPlcSimulator(settings, a.camera_slots, host=a.host)
+    if a.log_records:
+        def _print(cam: int, rec: layout.DecodedRecord) -> None:
+            print(f"REC {cam} {rec.sequence} {rec.part_id} {rec.verdict}", flush=True)
+
+        sim.on_record = _print
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -1,0 +1,237 @@
+"""The spool on a real filesystem and real SQLite: durability, images, quota, corruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.support import wait_until
+from tests.uplink.helpers import make_event, make_image
+from uplink.config import UplinkSettings
+from uplink.spool import DB_NAME, Spool, SpoolBusy, keep_ok_image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings(tmp_path: Path, **kw: object) -> UplinkSettings:
+    base: dict[str, object] = {"spool_dir": tmp_path / "spool", "batch_max_delay_ms": 5}
+    base.update(kw)
+    return UplinkSettings.model_validate(base)
+
+
+def rows(spool_dir: Path) -> list[dict[str, object]]:
+    conn = sqlite3.connect(spool_dir / DB_NAME)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM events ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_commit_images_and_sampling(tmp_path: Path) -> None:
+    s = settings(tmp_path, ok_image_sample_rate=0.25, image={"format": "png"})
+    spool = Spool(s, "L1")
+    spool.open()
+    events = []
+    for part in range(400):
+        ev = make_event("L1", "cam0", part, "DEFECT" if part % 10 == 0 else "OK")
+        events.append(ev)
+        assert spool.submit(ev, make_image(part))
+    assert spool.flush(20)
+    spool.close()
+
+    stored = {r["event_id"]: r for r in rows(s.spool_dir)}
+    assert len(stored) == 400
+    for ev in events:
+        r = stored[ev.event_id]
+        want_image = ev.verdict != "OK" or keep_ok_image("L1", "cam0", ev.part_id, 0.25)
+        assert (r["image_state"] == "pending") == want_image
+        payload = json.loads(str(r["payload"]))
+        assert payload["event_id"] == ev.event_id and payload["verdict"] == ev.verdict
+        if want_image:
+            assert ev.image_ref == payload["image_ref"] == r["image_key"]
+            assert str(ev.image_ref).startswith("L1/") and "/cam0/" in str(ev.image_ref)
+            data = (s.spool_dir / "images" / str(r["image_file"])).read_bytes()
+            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(decoded, make_image(ev.part_id))  # PNG is lossless
+        else:
+            assert payload["image_ref"] is None
+    ok_kept = sum(1 for r in stored.values() if r["verdict"] == "OK" and r["image_file"])
+    assert 0 < ok_kept < 360 * 0.5  # sampled, not all
+
+
+def test_ok_sampling_is_deterministic_and_near_rate() -> None:
+    picks = [keep_ok_image("L1", "cam3", p, 0.002) for p in range(200_000)]
+    assert picks == [keep_ok_image("L1", "cam3", p, 0.002) for p in range(200_000)]
+    assert 0.0015 < sum(picks) / len(picks) < 0.0025
+    assert not keep_ok_image("L1", "cam3", 5, 0.0) and keep_ok_image("L1", "cam3", 5, 1.0)
+
+
+def test_submit_never_blocks_and_counts_refusals(tmp_path: Path) -> None:
+    spool = Spool(settings(tmp_path, queue_max=3), "L1")
+    spool.open(start_writer=False)  # nothing drains the queue
+    results = [spool.submit(make_event("L1", "c", i)) for i in range(5)]
+    assert results == [True, True, True, False, False]
+    assert spool.stats()["refused"] == 2
+    assert not spool.healthy
+    spool.close()
+
+
+def test_unusable_directory_leaves_spool_unhealthy_not_crashing(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    spool = Spool(settings(tmp_path, spool_dir=blocker / "spool"), "L1")
+    spool.open()
+    assert not spool.healthy
+    assert spool.submit(make_event("L1", "c", 1)) is False
+    assert "cannot be opened" in str(spool.stats()["last_error"])
+    spool.close()
+
+
+def test_second_writer_is_refused(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    first = Spool(s, "L1")
+    first.open()
+    with pytest.raises(SpoolBusy, match="in use by another process"):
+        Spool(s, "L1").open()
+    first.close()
+    again = Spool(s, "L1")
+    again.open()
+    again.close()
+
+
+def test_corrupt_spool_is_moved_aside_and_submitting_continues(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    spool = Spool(s, "L1")
+    spool.open()
+    assert spool.submit(make_event("L1", "c", 1, "DEFECT"), make_image(1))
+    assert spool.flush(10)
+    spool.close()
+    db = s.spool_dir / DB_NAME
+    with open(db, "r+b") as fh:  # clobber the header and the first pages
+        fh.write(os.urandom(8192))
+
+    spool = Spool(s, "L1")
+    spool.open()
+    st = spool.stats()
+    assert spool.healthy
+    assert len(st["quarantined"]) == 1
+    quarantined = Path(st["quarantined"][0])
+    assert (quarantined / DB_NAME).exists() and (quarantined / "images").is_dir()
+    assert "corrupt" in str(st["last_error"]) and str(quarantined) in str(st["last_error"])
+    ev = make_event("L1", "c", 2, "DEFECT")
+    assert spool.submit(ev, make_image(2))
+    assert spool.flush(10)
+    spool.close()
+    assert [r["event_id"] for r in rows(s.spool_dir)] == [ev.event_id]
+
+
+def test_corruption_detected_mid_run_is_recovered(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    spool = Spool(s, "L1")
+    spool.open()
+    for i in range(200):
+        spool.submit(make_event("L1", "c", i))
+    assert spool.flush(10)
+    # Corrupt the live file under the writer (what a failing disk does).
+    with open(s.spool_dir / DB_NAME, "r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"\xff" * 4096 * 4)
+    later = [make_event("L1", "c", 1000 + i) for i in range(50)]
+    for ev in later:
+        assert spool.submit(ev)
+    assert spool.flush(20)
+    spool.close()
+    ids = {r["event_id"] for r in rows(s.spool_dir)}
+    # Either SQLite noticed (quarantine, fresh spool) or the damaged pages were not touched;
+    # in both cases every later event is committed and the spool is usable.
+    assert {ev.event_id for ev in later} <= ids
+
+
+def test_kill_9_loses_no_committed_event(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.uplink.spool_child", str(spool_dir)],
+        cwd=ROOT, stdout=subprocess.PIPE, start_new_session=True,
+    )
+    committed: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+
+    def read() -> None:
+        for line in stdout:
+            committed.append(line.decode().strip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: len(committed) >= 3000, 60, "3000 committed events from the child")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    reader.join(10)
+    assert committed
+
+    spool = Spool(UplinkSettings(spool_dir=spool_dir), "L1")
+    spool.open()
+    assert spool.healthy and spool.stats()["quarantined"] == []
+    stored = {r["event_id"]: r for r in rows(spool_dir)}
+    missing = [i for i in committed if i not in stored]
+    assert missing == [], f"{len(missing)} committed events lost"
+    for r in stored.values():
+        if r["image_file"]:
+            assert (spool_dir / "images" / str(r["image_file"])).stat().st_size == r["image_bytes"]
+    leftovers = [p.name for p in (spool_dir / "images").iterdir()
+                 if p.name not in {r["image_file"] for r in stored.values()}]
+    assert leftovers == []  # temp files and uncommitted images were swept
+    spool.close()
+
+
+def test_quota_evicts_in_documented_order(tmp_path: Path) -> None:
+    # Big incompressible images make the order observable with a small quota.
+    s = settings(tmp_path, quota_mb=3.0, evict_to_fraction=0.9, ok_image_sample_rate=1.0,
+                 image={"format": "png", "png_compression": 0})
+    spool = Spool(s, "L1")
+    spool.open()
+    img = make_image(7, 200, 250)  # ~50 KB each as uncompressed PNG
+
+    def put(part: int, verdict: str) -> str:
+        ev = make_event("L1", "c", part, verdict)
+        assert spool.submit(ev, img)
+        assert spool.flush(10)
+        return ev.event_id
+
+    defects = [put(i, "DEFECT") for i in range(10)]  # ~0.5 MB
+    oks = [put(100 + i, "OK") for i in range(10)]  # ~0.5 MB of OK samples
+    # Mark the first 5 defects as sent (event and image).
+    first = [r for r in rows(s.spool_dir) if r["event_id"] in defects[:5]]
+    spool.mark_events_sent([int(str(r["id"])) for r in first])
+    spool.mark_images_sent([int(str(r["id"])) for r in first])
+    assert spool.stats()["evicted"] == {"ok_images": 0, "sent": 0, "unsent_ok": 0, "defect": 0}
+
+    # Fill up with more defects until eviction kicks in repeatedly.
+    more = [put(200 + i, "DEFECT") for i in range(60)]  # ~3 MB more: well over the quota
+    st = spool.stats()
+    ev = st["evicted"]
+    assert st["bytes_used"] <= s.quota_bytes
+    assert ev["ok_images"] == 10  # 1. every OK sample image went first
+    assert ev["sent"] >= 5  # 2. then the sent defects
+    stored = {r["event_id"]: r for r in rows(s.spool_dir)}
+    assert all(d not in stored for d in defects[:5])
+    assert all(stored[o]["image_state"] == "evicted" for o in oks if o in stored)
+    # 3. the unsent OK events went before 4. any unsent defect did
+    assert ev["unsent_ok"] == 10 and all(o not in stored for o in oks)
+    assert ev["defect"] > 0 and defects[5] not in stored  # oldest unsent defect went last
+    assert more[-1] in stored  # the newest defect is always kept
+    assert spool.stats()["alarms"]  # usage above the alarm fraction is reported
+    spool.close()
