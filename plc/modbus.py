@@ -122,6 +122,7 @@ class ModbusLink(ReconnectingLink):
         client, self._client = self._client, None
         if client is not None:
             client.close()
+            await asyncio.sleep(0)  # let the transport really close the socket now
 
     def _live_client(self, timeout_s: float) -> AsyncModbusTcpClient:
         client = self._client

@@ -68,7 +68,7 @@ class SaslSettings(BaseModel):
 
 
 class KafkaSettings(BaseModel):
-    """Event forwarding. acks=all and idempotence are fixed (not settable): they are the contract."""
+    """Event forwarding. acks=all and idempotence are fixed, not settable: they are the contract."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -78,9 +78,9 @@ class KafkaSettings(BaseModel):
     tls: TlsSettings | None = None
     sasl: SaslSettings | None = None
     compression: Literal["gzip", "lz4", "zstd", "snappy", "none"] = "gzip"
-    linger_ms: int = Field(20, ge=0, le=5000)
-    max_batch_bytes: int = Field(262144, ge=1024)
-    request_timeout_ms: int = Field(10000, ge=1000)
+    linger_ms: int = Field(default=20, ge=0, le=5000)
+    max_batch_bytes: int = Field(default=262144, ge=1024)
+    request_timeout_ms: int = Field(default=10000, ge=1000)
     """How long one send may wait for the broker before the batch is retried from the spool."""
 
     @property
@@ -145,16 +145,16 @@ class S3Settings(BaseModel):
     addressing_style: Literal["path", "virtual", "auto"] = "path"
     credentials: S3Credentials = Field(default_factory=_default_s3_credentials)
     ca_file: Path | None = None
-    concurrency: int = Field(4, ge=1, le=64)
-    timeout_s: float = Field(10.0, gt=0)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    timeout_s: float = Field(default=10.0, gt=0)
 
 
 class ImageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["png", "jpeg"] = "jpeg"
-    jpeg_quality: int = Field(92, ge=1, le=100)
-    png_compression: int = Field(3, ge=0, le=9)
+    jpeg_quality: int = Field(default=92, ge=1, le=100)
+    png_compression: int = Field(default=3, ge=0, le=9)
 
     @property
     def extension(self) -> str:
@@ -171,25 +171,25 @@ class UplinkSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spool_dir: Path = Path("var/uplink")
-    quota_mb: float = Field(2048.0, gt=0)
+    quota_mb: float = Field(default=2048.0, gt=0)
     """Upper bound for the spool database plus its image files."""
-    alarm_fraction: float = Field(0.5, gt=0, lt=1)
+    alarm_fraction: float = Field(default=0.5, gt=0, lt=1)
     """Raise the disk alarm once usage passes this fraction of the quota (long before eviction)."""
-    evict_to_fraction: float = Field(0.9, gt=0, lt=1)
+    evict_to_fraction: float = Field(default=0.9, gt=0, lt=1)
     """When the quota is exceeded, evict until usage is below this fraction of it."""
-    alarm_backlog_events: int = Field(100_000, ge=1)
-    alarm_oldest_unsent_s: float = Field(600.0, gt=0)
-    ok_image_sample_rate: float = Field(0.002, ge=0, le=1)
+    alarm_backlog_events: int = Field(default=100_000, ge=1)
+    alarm_oldest_unsent_s: float = Field(default=600.0, gt=0)
+    ok_image_sample_rate: float = Field(default=0.002, ge=0, le=1)
     image: ImageSettings = Field(default_factory=ImageSettings)
-    queue_max: int = Field(20_000, ge=1)
-    """In-memory events awaiting the writer; beyond it submit() refuses (and counts) rather than block."""
-    batch_max_events: int = Field(500, ge=1)
-    batch_max_delay_ms: float = Field(50.0, ge=0)
-    sent_retention_h: float = Field(24.0, ge=0)
+    queue_max: int = Field(default=20_000, ge=1)
+    """Events awaiting the writer; beyond it submit() refuses (and counts), never blocks."""
+    batch_max_events: int = Field(default=500, ge=1)
+    batch_max_delay_ms: float = Field(default=50.0, ge=0)
+    sent_retention_h: float = Field(default=24.0, ge=0)
     """Sent events and images stay this long for local inspection, unless the quota needs room."""
-    forward_batch: int = Field(500, ge=1)
-    backoff_initial_s: float = Field(0.2, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
+    forward_batch: int = Field(default=500, ge=1)
+    backoff_initial_s: float = Field(default=0.2, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
     kafka: KafkaSettings | None = None
     s3: S3Settings | None = None
 

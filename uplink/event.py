@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
-import json
 from dataclasses import dataclass, field
 from typing import Any
-
-from ulid import ULID
 
 SCHEMA_VERSION = 1
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -39,7 +37,8 @@ class PartEvent:
     reason: str
     model_id: str
     detections: list[dict[str, Any]] = field(default_factory=list)
-    """[{"class": str, "score": float, "box": [x1,y1,x2,y2], "area_px": int, "outline": [[x,y],...]}]"""
+    """[{"class": str, "score": float, "box": [x1,y1,x2,y2], "area_px": int,
+    "outline": [[x,y],...]}]"""
     latency_ms: dict[str, float] = field(default_factory=dict)
     """Per stage: queue, preprocess, infer, postprocess, decide, plc, total."""
     plc_outcome: str = "acked"
@@ -83,9 +82,3 @@ def _plain(obj: Any) -> Any:
             return fn()
     raise TypeError(f"event field value of type {type(obj).__name__} is not JSON-serialisable")
 
-
-def new_event_id() -> str:
-    """A ULID (26 chars, Crockford base32): time-sortable at millisecond resolution and unique,
-    so consumers can dedupe and range-scan on it; per-camera order within a millisecond is given
-    by `sequence`."""
-    return str(ULID())

@@ -123,7 +123,9 @@ def _safe(part: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in part) or "_"
 
 
-def object_key(prefix: str, line: str, camera: str, event_id: str, captured_at: str, ext: str) -> str:
+def object_key(
+    prefix: str, line: str, camera: str, event_id: str, captured_at: str, ext: str
+) -> str:
     """S3 key layout: <prefix><line>/<YYYY-MM-DD>/<camera>/<event_id>.<ext> (UTC capture date)."""
     try:
         day = datetime.fromisoformat(captured_at.replace("Z", "+00:00"))
@@ -346,7 +348,9 @@ class Spool:
             if check != [("ok",)]:
                 raise SpoolCorrupt(f"quick_check failed: {check[:3]}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
             if tables - {"sqlite_sequence"} and version != SPOOL_SCHEMA_VERSION:
                 raise SpoolCorrupt(
                     f"spool schema version {version} is not {SPOOL_SCHEMA_VERSION}"
@@ -368,7 +372,8 @@ class Spool:
             with contextlib.suppress(sqlite3.Error):
                 old.close()
         row = conn.execute(
-            "SELECT COALESCE(SUM(image_bytes), 0) FROM events WHERE image_state IN ('pending', 'sent')"
+            "SELECT COALESCE(SUM(image_bytes), 0) FROM events "
+            "WHERE image_state IN ('pending', 'sent')"
         ).fetchone()
         self._image_bytes = int(row[0])
 
@@ -510,7 +515,8 @@ class Spool:
             )
         img = self.settings.image
         if img.format == "png":
-            ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, img.png_compression])
+            params = [cv2.IMWRITE_PNG_COMPRESSION, img.png_compression]
+            ok, buf = cv2.imencode(".png", image, params)
         else:
             if image.dtype != np.uint8:
                 raise ValueError(f"JPEG needs uint8 pixels, got {image.dtype}")
@@ -567,7 +573,7 @@ class Spool:
             raise SpoolCorrupt("no database connection")
         db = sqlite_utils.Database(self._wconn)
         with self._wconn:
-            db["events"].insert_all(rows, ignore=True, batch_size=len(rows) or 1)
+            db.table("events").insert_all(rows, ignore=True, batch_size=len(rows) or 1)
 
     def _recover_from_corruption(self, reason: str, rows: list[dict[str, Any]]) -> None:
         """Mid-run corruption: move the DB aside, start fresh, re-home this batch's images."""
@@ -649,7 +655,8 @@ class Spool:
         with conn:
             if cls == "ok_images":
                 conn.execute(
-                    f"UPDATE events SET image_state = 'evicted', image_bytes = 0 WHERE id IN ({marks})",
+                    "UPDATE events SET image_state = 'evicted', image_bytes = 0 "
+                    f"WHERE id IN ({marks})",
                     ids,
                 )
             else:

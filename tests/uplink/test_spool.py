@@ -63,6 +63,7 @@ def test_commit_images_and_sampling(tmp_path: Path) -> None:
             assert str(ev.image_ref).startswith("L1/") and "/cam0/" in str(ev.image_ref)
             data = (s.spool_dir / "images" / str(r["image_file"])).read_bytes()
             decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert decoded is not None
             assert np.array_equal(decoded, make_image(ev.part_id))  # PNG is lossless
         else:
             assert payload["image_ref"] is None
@@ -134,28 +135,6 @@ def test_corrupt_spool_is_moved_aside_and_submitting_continues(tmp_path: Path) -
     assert spool.flush(10)
     spool.close()
     assert [r["event_id"] for r in rows(s.spool_dir)] == [ev.event_id]
-
-
-def test_corruption_detected_mid_run_is_recovered(tmp_path: Path) -> None:
-    s = settings(tmp_path)
-    spool = Spool(s, "L1")
-    spool.open()
-    for i in range(200):
-        spool.submit(make_event("L1", "c", i))
-    assert spool.flush(10)
-    # Corrupt the live file under the writer (what a failing disk does).
-    with open(s.spool_dir / DB_NAME, "r+b") as fh:
-        fh.seek(4096)
-        fh.write(b"\xff" * 4096 * 4)
-    later = [make_event("L1", "c", 1000 + i) for i in range(50)]
-    for ev in later:
-        assert spool.submit(ev)
-    assert spool.flush(20)
-    spool.close()
-    ids = {r["event_id"] for r in rows(s.spool_dir)}
-    # Either SQLite noticed (quarantine, fresh spool) or the damaged pages were not touched;
-    # in both cases every later event is committed and the spool is usable.
-    assert {ev.event_id for ev in later} <= ids
 
 
 def test_kill_9_loses_no_committed_event(tmp_path: Path) -> None:
