@@ -47,6 +47,11 @@ class FrameIdUnwrapper:
         self._last += step
         return self._last
 
+    def next(self) -> int:
+        """An id for a buffer that carries none (the source counts for it)."""
+        self._last += 1
+        return self._last
+
 
 class TimestampUnwrapper:
     """Device timestamps (ns) that wrap every ``period_ns`` -> a continuous device time.

@@ -175,7 +175,8 @@ class HarvestersNodes:
         return "other"
 
     def writable(self, name: str) -> bool:
-        return bool(self._node(name).get_access_mode() in (self._g.EAccessMode.RW, self._g.EAccessMode.WO))
+        mode = self._node(name).get_access_mode()
+        return bool(mode in (self._g.EAccessMode.RW, self._g.EAccessMode.WO))
 
     def bounds(self, name: str) -> tuple[float, float, float | None]:
         n = self._node(name)
@@ -220,9 +221,12 @@ class GenicamSource:
         self._triggered = isinstance(settings.trigger, TriggeredMode)
         self._software_trigger = self._triggered and settings.trigger.source == "software"  # type: ignore[union-attr]
         self._fetch_lock = threading.Lock()
+        self._ctl_lock = threading.Lock()  # node access (trigger) vs. destroy
         self._producer: Producer | None = None
         self._s: _Session | None = None
         self._triggers_fired = 0
+        self._triggers_requested = 0
+        self._in_flight = False
         self._last_part = 0
         self.node_report: NodeReport | None = None
         self.device: dict[str, Any] | None = None
@@ -293,6 +297,9 @@ class GenicamSource:
             ia.start()
         except Exception as exc:
             raise CameraError(f"camera {st.id}: acquisition start failed: {exc}") from exc
+        with self._ctl_lock:
+            self._triggers_requested = self._triggers_fired  # queued triggers died with the device
+            self._in_flight = False
         self._s = _Session(
             ia=ia,
             nodes=nodes,
@@ -333,12 +340,14 @@ class GenicamSource:
             raw_ts: int | None = int(buf.timestamp_ns)
         except Exception:  # NotAvailableException on producers without timestamps
             raw_ts = None
-        frame_id = s.frame_ids(raw_id if raw_id is not None else (s.frame_ids._last + 1))
+        frame_id = s.frame_ids(raw_id) if raw_id is not None else s.frame_ids.next()
         if s.first_frame_id is None:
             s.first_frame_id = frame_id
-        if self._triggered:
-            # The device counts one frame per trigger, so the id delta maps frames to triggers
-            # even when a frame is lost in between.
+        if self._software_trigger:
+            part_id = self._answer_trigger()
+        elif self._triggered:
+            # Hardware trigger: the device counts one frame per trigger, so the id delta maps
+            # frames to triggers even when a frame is lost in between.
             part_id = s.part_base + (frame_id - s.first_frame_id) + 1
         else:
             part_id = frame_id
@@ -358,16 +367,45 @@ class GenicamSource:
         )
 
     def trigger(self) -> None:
+        """Request one software trigger (one part).
+
+        Triggers are serialised: the next fires only when the previous one's frame has arrived.
+        A camera ignores a trigger while it is still busy with the last one (TLSimu drops
+        triggers closer than ~5 ms), which would silently shift every later part id by one; with
+        one trigger in flight, frame k is always the answer to trigger k.
+        """
         if not self._software_trigger:
             return
-        s = self._s
-        if s is None:
-            raise CameraError(f"camera {self.camera_id}: trigger on a closed source")
+        with self._ctl_lock:
+            s = self._s
+            if s is None or not s.ia.is_valid():
+                raise CameraError(f"camera {self.camera_id}: trigger on a closed source")
+            self._triggers_requested += 1
+            if not self._in_flight:
+                self._fire(s)
+
+    def _fire(self, s: _Session) -> None:
+        """Execute TriggerSoftware (ctl lock held)."""
         try:
             s.nodes.execute("TriggerSoftware")
         except Exception as exc:
+            self._triggers_requested = self._triggers_fired
             raise CameraError(f"camera {self.camera_id}: TriggerSoftware failed: {exc}") from exc
         self._triggers_fired += 1
+        self._in_flight = True
+
+    def _answer_trigger(self) -> int:
+        """The part id of the frame just fetched, and fire the next queued trigger, if any."""
+        with self._ctl_lock:
+            part = self._triggers_fired
+            self._in_flight = False
+            s = self._s
+            if s is not None and self._triggers_requested > self._triggers_fired:
+                try:
+                    self._fire(s)
+                except CameraError as exc:
+                    log.warning("camera_trigger_failed", camera=self.camera_id, error=str(exc))
+            return part
 
     def close(self) -> None:
         with self._fetch_lock:
@@ -377,7 +415,7 @@ class GenicamSource:
 
     # -- internals --------------------------------------------------------------------------
     def _destroy(self, ia: ImageAcquirer) -> None:
-        with self._fetch_lock:
+        with self._fetch_lock, self._ctl_lock:
             try:
                 if ia.is_valid():
                     ia.stop()
@@ -397,7 +435,7 @@ class GenicamSource:
     def destroy_acquirer(self) -> None:
         """Destroy the acquirer *between* fetches, as a producer rescan or a lost device would;
         the next read raises CameraError. For fault-injection tests and diagnostics."""
-        with self._fetch_lock:
+        with self._fetch_lock, self._ctl_lock:
             s = self._s
             if s is not None:
                 s.ia.destroy()

@@ -156,9 +156,9 @@ def apply(
     """Apply ``steps`` in order; return the report, or raise one error listing every fatal issue."""
     report = NodeReport()
     fatal: list[str] = []
-    for name in required:
-        if not acc.has(name) and not any(name == s.key or name in s.names for s in steps):
-            fatal.append(f"required node {name} does not exist on this device")
+    for req in required:
+        if not acc.has(req) and not any(req == s.key or req in s.names for s in steps):
+            fatal.append(f"required node {req} does not exist on this device")
     for step in steps:
         name = next((n for n in step.names if acc.has(n)), None)
         label = " or ".join(step.names)

@@ -12,7 +12,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -71,6 +71,7 @@ class CameraWorker:
         self._reopens = 0
         self._stalls = 0
         self._errors = 0
+        self._idle_reads = 0
         self._triggers = 0
         self._lost_triggers = 0
         self._outstanding: collections.deque[float] = collections.deque()
@@ -143,7 +144,7 @@ class CameraWorker:
     def state(self) -> State | None:
         return self._state
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, Any]:
         last = self._last_frame_mono
         return {
             "camera_id": self.camera_id,
@@ -154,6 +155,7 @@ class CameraWorker:
             "reopens": self._reopens,
             "stalls": self._stalls,
             "errors": self._errors,
+            "idle_reads": self._idle_reads,
             "triggers": self._triggers,
             "lost_triggers": self._lost_triggers,
             "last_frame_age_s": None if last is None else time.monotonic() - last,
@@ -225,6 +227,7 @@ class CameraWorker:
                 return f"read failed: {type(exc).__name__}: {exc}", got_frame
             now = time.monotonic()
             if frame is None:
+                self._idle_reads += 1
                 stalled = self._stalled(now, last)
                 if stalled:
                     self._stalls += 1
@@ -245,9 +248,12 @@ class CameraWorker:
             if now - last > limit:
                 return f"stalled: no frame for {now - last:.2f}s (limit {limit}s)"
             return None
-        # Triggered: silence is normal; only a trigger left unanswered is a stall.
-        if self._outstanding and now - self._outstanding[0] > limit:
-            return f"stalled: trigger unanswered for {now - self._outstanding[0]:.2f}s"
+        # Triggered: silence is normal; a stall is triggers pending with no frame coming at all.
+        if self._outstanding:
+            since = max(self._outstanding[0], last)
+            if now - since > limit:
+                n = len(self._outstanding)
+                return f"stalled: {n} trigger(s) unanswered for {now - since:.2f}s"
         return None
 
     def _account(self, frame: Frame, now: float) -> None:

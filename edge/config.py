@@ -112,10 +112,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_errors(exc: ValidationError) -> list[str]:
+def format_errors(exc: ValidationError, data: Any = None) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(_loc_part(p) for p in err["loc"]) or "(top level)"
+        loc = _key_path(err["loc"], data)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt? see the config reference in README.md)"
@@ -125,8 +125,20 @@ def format_errors(exc: ValidationError) -> list[str]:
     return problems
 
 
-def _loc_part(p: object) -> str:
-    return f"[{p}]" if isinstance(p, int) else str(p)
+def _key_path(loc: tuple[int | str, ...], data: Any) -> str:
+    """'cameras[0].fps' as the user wrote it: union tags pydantic inserts in loc are skipped."""
+    out = ""
+    node = data
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue  # discriminated-union tag, not a key in the YAML
+        out += f".{part}" if out else str(part)
+        node = node.get(part) if isinstance(node, dict) else None
+    return out or "(top level)"
 
 
 def load_config(path: Path) -> LineConfig:
@@ -135,7 +147,7 @@ def load_config(path: Path) -> LineConfig:
     try:
         cfg = LineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, format_errors(exc)) from None
+        raise ConfigError(path, format_errors(exc, data)) from None
     _resolve_paths(cfg, path.resolve().parent)
     return cfg
 

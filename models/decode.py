@@ -129,12 +129,13 @@ def scale_boxes(
 
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) matrix of torch's bilinear resize along one axis (align_corners=False)."""
-    scale = n_in / n_out
-    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, n_in - 1)
+    # float32 index arithmetic, as torch's CPU kernel (opmath float) does it for float32 tensors.
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    src = np.maximum((np.arange(n_out, dtype=f32) + f32(0.5)) * scale - f32(0.5), f32(0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    l1 = src - i0
+    l1 = (src - i0.astype(f32)).astype(np.float64)
     m = np.zeros((n_out, n_in), dtype=np.float64)
     rows = np.arange(n_out)
     np.add.at(m, (rows, i0), 1.0 - l1)

@@ -82,14 +82,19 @@ def _swap16(word: int) -> int:
     return ((word & 0xFF) << 8) | (word >> 8)
 
 
-def bytes_to_words(data: bytes, *, word_order: Order = "big", byte_order: Order = "big",
-                   u32_word_offsets: tuple[int, ...] = (0, SEQUENCE_WORD)) -> list[int]:
+def bytes_to_words(
+    data: bytes,
+    *,
+    word_order: Order = "big",
+    byte_order: Order = "big",
+    u32_word_offsets: tuple[int, ...] = (0, SEQUENCE_WORD),
+) -> list[int]:
     """Big-endian bytes -> Modbus register values in the configured word/byte order.
 
     ``u32_word_offsets`` says where the 32-bit fields start: only those pairs get their words
     swapped for word_order=little.
     """
-    words = [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+    words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
     if word_order == "little":
         for off in u32_word_offsets:
             words[off], words[off + 1] = words[off + 1], words[off]
@@ -98,8 +103,13 @@ def bytes_to_words(data: bytes, *, word_order: Order = "big", byte_order: Order 
     return words
 
 
-def words_to_bytes(words: list[int], *, word_order: Order = "big", byte_order: Order = "big",
-                   u32_word_offsets: tuple[int, ...] = (0, SEQUENCE_WORD)) -> bytes:
+def words_to_bytes(
+    words: list[int],
+    *,
+    word_order: Order = "big",
+    byte_order: Order = "big",
+    u32_word_offsets: tuple[int, ...] = (0, SEQUENCE_WORD),
+) -> bytes:
     """Inverse of bytes_to_words."""
     w = list(words)
     if byte_order == "little":
@@ -110,14 +120,16 @@ def words_to_bytes(words: list[int], *, word_order: Order = "big", byte_order: O
     return b"".join(int(x).to_bytes(2, "big") for x in w)
 
 
-def record_words(record: DecisionRecord, *, word_order: Order = "big",
-                 byte_order: Order = "big") -> list[int]:
+def record_words(
+    record: DecisionRecord, *, word_order: Order = "big", byte_order: Order = "big"
+) -> list[int]:
     """The 10 register values of one Modbus write_registers request."""
     return bytes_to_words(record_bytes(record), word_order=word_order, byte_order=byte_order)
 
 
-def decode_record_words(words: list[int], *, word_order: Order = "big",
-                        byte_order: Order = "big") -> DecodedRecord:
+def decode_record_words(
+    words: list[int], *, word_order: Order = "big", byte_order: Order = "big"
+) -> DecodedRecord:
     if len(words) < RECORD_WORDS:
         raise ValueError(f"record needs {RECORD_WORDS} registers, got {len(words)}")
     return decode_record_bytes(
@@ -126,15 +138,21 @@ def decode_record_words(words: list[int], *, word_order: Order = "big",
 
 
 def u32_words(value: int, *, word_order: Order = "big", byte_order: Order = "big") -> list[int]:
-    return bytes_to_words((int(value) & _U32).to_bytes(4, "big"), word_order=word_order,
-                          byte_order=byte_order, u32_word_offsets=(0,))
+    return bytes_to_words(
+        (int(value) & _U32).to_bytes(4, "big"),
+        word_order=word_order,
+        byte_order=byte_order,
+        u32_word_offsets=(0,),
+    )
 
 
-def u32_from_words(words: list[int], *, word_order: Order = "big",
-                   byte_order: Order = "big") -> int:
+def u32_from_words(
+    words: list[int], *, word_order: Order = "big", byte_order: Order = "big"
+) -> int:
     return int.from_bytes(
-        words_to_bytes(words[:2], word_order=word_order, byte_order=byte_order,
-                       u32_word_offsets=(0,)),
+        words_to_bytes(
+            words[:2], word_order=word_order, byte_order=byte_order, u32_word_offsets=(0,)
+        ),
         "big",
     )
 

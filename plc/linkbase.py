@@ -94,6 +94,7 @@ class ReconnectingLink(abc.ABC):
         self._closing = False
         self._lock: asyncio.Lock | None = None
         self._lost: asyncio.Event | None = None
+        self._up: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: dict[str, _Pending] = {}
         self._rtt_ewma_s = 0.0
@@ -120,9 +121,13 @@ class ReconnectingLink(abc.ABC):
 
     def health(self) -> LinkHealth:
         return LinkHealth(
-            backend=self.backend, target=self._target, connected=self._connected,
-            down_since_ns=self._down_since_ns, last_error=self._last_error,
-            rtt_ewma_ms=self._rtt_ewma_s * 1e3, unconfirmed_writes=len(self._pending),
+            backend=self.backend,
+            target=self._target,
+            connected=self._connected,
+            down_since_ns=self._down_since_ns,
+            last_error=self._last_error,
+            rtt_ewma_ms=self._rtt_ewma_s * 1e3,
+            unconfirmed_writes=len(self._pending),
             stats=LinkStats(**{k: getattr(self.stats, k) for k in LinkStats.__slots__}),
         )
 
@@ -131,14 +136,16 @@ class ReconnectingLink(abc.ABC):
             return
         self._lock = asyncio.Lock()
         self._lost = asyncio.Event()
+        self._up = asyncio.Event()
         self._closing = False
         self._task = asyncio.create_task(self._supervise(), name=f"plc-{self.backend}-link")
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """For tools and tests: wait until the link is up (the daemon never waits)."""
-        end = time.monotonic() + timeout_s
-        while not self._connected and time.monotonic() < end:
-            await asyncio.sleep(0.005)
+        if self._up is None:
+            return False
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._up.wait(), timeout_s)
         return self._connected
 
     async def close(self) -> None:
@@ -153,6 +160,8 @@ class ReconnectingLink(abc.ABC):
 
     def _connection_lost(self, reason: str) -> None:
         """Called by the backend (any context in the loop) when the connection is gone."""
+        if self._up is not None:
+            self._up.clear()
         if self._connected:
             self._connected = False
             self.stats.connection_losses += 1
@@ -171,44 +180,61 @@ class ReconnectingLink(abc.ABC):
             attempts += 1
             self._lost.clear()
             try:
-                await asyncio.wait_for(self._open(t.connect_timeout_ms / 1e3),
-                                       t.connect_timeout_ms / 1e3 + 0.05)
+                await asyncio.wait_for(
+                    self._open(t.connect_timeout_ms / 1e3), t.connect_timeout_ms / 1e3 + 0.05
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any connect failure: the line must keep running
                 self._last_error = f"connect failed: {type(exc).__name__}: {exc}"
                 await self._shut()
                 if not logged_down:
-                    log.warning("plc_unavailable", backend=self.backend, target=self._target,
-                                error=self._last_error)
+                    log.warning(
+                        "plc_unavailable",
+                        backend=self.backend,
+                        target=self._target,
+                        error=self._last_error,
+                    )
                     logged_down = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, t.reconnect_backoff_max_ms / 1e3)
                 continue
-            down_for = (time.monotonic_ns() - self._down_since_ns) / 1e9 if self._down_since_ns else 0
+            down_for = (
+                (time.monotonic_ns() - self._down_since_ns) / 1e9 if self._down_since_ns else 0
+            )
             self._connected = True
+            assert self._up is not None
+            self._up.set()
             self._down_since_ns = None
             self._last_error = ""
             self.stats.connects += 1
             if logged_down or self._ever_connected:
-                log.info("plc_back", backend=self.backend, target=self._target,
-                         down_s=round(down_for, 3), attempts=attempts)
+                log.info(
+                    "plc_back",
+                    backend=self.backend,
+                    target=self._target,
+                    down_s=round(down_for, 3),
+                    attempts=attempts,
+                )
             else:
                 log.info("plc_connected", backend=self.backend, target=self._target)
             self._ever_connected = True
             logged_down = False
             attempts = 0
             backoff = t.reconnect_backoff_min_ms / 1e3
-            if self._lost.is_set():  # dropped during the handshake
-                self._connected = False
-            else:
+            if not self._lost.is_set():  # (it may have dropped during the handshake)
                 await self._lost.wait()
             self._connected = False
+            self._up.clear()
             if self._down_since_ns is None:
                 self._down_since_ns = time.monotonic_ns()
             if not logged_down:
-                log.warning("plc_unavailable", backend=self.backend, target=self._target,
-                            error=self._last_error)
+                log.warning(
+                    "plc_unavailable",
+                    backend=self.backend,
+                    target=self._target,
+                    error=self._last_error,
+                )
                 logged_down = True
             await self._shut()
             # Reconnect at once the first time (a timed-out request drops a healthy socket too);
@@ -220,7 +246,9 @@ class ReconnectingLink(abc.ABC):
         return max(self._timing.min_request_ms / 1e3, 2.0 * self._rtt_ewma_s)
 
     def _note_rtt(self, rtt_s: float) -> None:
-        self._rtt_ewma_s = rtt_s if self._rtt_ewma_s == 0.0 else 0.9 * self._rtt_ewma_s + 0.1 * rtt_s
+        self._rtt_ewma_s = (
+            rtt_s if self._rtt_ewma_s == 0.0 else 0.9 * self._rtt_ewma_s + 0.1 * rtt_s
+        )
 
     async def _acquire(self, deadline_ns: int) -> bool:
         assert self._lock is not None
@@ -243,8 +271,9 @@ class ReconnectingLink(abc.ABC):
                 applied = await asyncio.wait_for(pend.confirm(timeout_s), timeout_s)
             except DefiniteFailure as exc:
                 self.stats.confirm_impossible += 1
-                log.warning("plc_confirm_impossible", backend=self.backend, write=pend.label,
-                            error=str(exc))
+                log.warning(
+                    "plc_confirm_impossible", backend=self.backend, write=pend.label, error=str(exc)
+                )
                 del self._pending[key]
                 continue
             except Exception as exc:  # timeout or connection trouble: the connection is suspect
@@ -255,8 +284,9 @@ class ReconnectingLink(abc.ABC):
                 self.stats.confirmed_applied += 1
             else:
                 self.stats.confirmed_not_applied += 1
-            log.warning("plc_write_confirmed", backend=self.backend, write=pend.label,
-                        applied=applied)
+            log.warning(
+                "plc_write_confirmed", backend=self.backend, write=pend.label, applied=applied
+            )
         return None
 
     async def _write(
@@ -276,7 +306,9 @@ class ReconnectingLink(abc.ABC):
             return WriteResult(WriteOutcome.FAILED, detail=f"not connected: {self._last_error}")
         if not await self._acquire(deadline_ns):
             self.stats.dropped_late += 1
-            return WriteResult(WriteOutcome.DROPPED_LATE, detail="deadline before the link was free")
+            return WriteResult(
+                WriteOutcome.DROPPED_LATE, detail="deadline before the link was free"
+            )
         try:
             if not self._connected:
                 self.stats.failed += 1
@@ -285,8 +317,10 @@ class ReconnectingLink(abc.ABC):
                 why = await self._confirm_pending(deadline_ns)
                 if why == "late":
                     self.stats.dropped_late += 1
-                    return WriteResult(WriteOutcome.DROPPED_LATE,
-                                       detail="no budget left after confirming an earlier write")
+                    return WriteResult(
+                        WriteOutcome.DROPPED_LATE,
+                        detail="no budget left after confirming an earlier write",
+                    )
                 if why is not None:
                     self.stats.failed += 1
                     return WriteResult(WriteOutcome.FAILED, detail=why)
@@ -311,8 +345,9 @@ class ReconnectingLink(abc.ABC):
             except Exception as exc:  # timeout, connection lost in flight, socket error
                 self._mark_unknown(key, label, confirm, f"{type(exc).__name__}: {exc}")
                 self.stats.unknown += 1
-                return WriteResult(WriteOutcome.UNKNOWN,
-                                   detail=f"no answer in time ({type(exc).__name__})")
+                return WriteResult(
+                    WriteOutcome.UNKNOWN, detail=f"no answer in time ({type(exc).__name__})"
+                )
             now = time.monotonic_ns()
             self._note_rtt((now - t0) / 1e9)
             self.stats.acked += 1
@@ -320,8 +355,9 @@ class ReconnectingLink(abc.ABC):
         finally:
             self._lock.release()
 
-    def _mark_unknown(self, key: str, label: str, confirm: Callable[[float], Awaitable[bool]],
-                      why: str) -> None:
+    def _mark_unknown(
+        self, key: str, label: str, confirm: Callable[[float], Awaitable[bool]], why: str
+    ) -> None:
         self._pending[key] = _Pending(label, confirm)
         self._connection_lost(f"write {label} outcome unknown: {why}")
 

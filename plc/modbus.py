@@ -30,21 +30,27 @@ class ModbusMap:
         self.s = s
         self.camera_slots = camera_slots
         areas = [
-            ("decision records", s.record_base,
-             s.record_base + (camera_slots - 1) * s.record_stride + layout.RECORD_WORDS),
+            (
+                "decision records",
+                s.record_base,
+                s.record_base + (camera_slots - 1) * s.record_stride + layout.RECORD_WORDS,
+            ),
             ("heartbeat_register", s.heartbeat_register, s.heartbeat_register + 1),
             ("alarm_register", s.alarm_register, s.alarm_register + 1),
-            ("part ids", s.part_id_base,
-             s.part_id_base + (camera_slots - 1) * s.part_id_stride + 2),
+            (
+                "part ids",
+                s.part_id_base,
+                s.part_id_base + (camera_slots - 1) * s.part_id_stride + 2,
+            ),
         ]
-        for name, lo, hi in areas:
+        for name, _lo, hi in areas:
             if hi > 65536:
                 raise ValueError(
                     f"plc.{name} for {camera_slots} camera(s) ends at register {hi - 1}, beyond "
                     "65535: lower the base address or the stride"
                 )
         for i, (n1, lo1, hi1) in enumerate(areas):
-            for n2, lo2, hi2 in areas[i + 1:]:
+            for n2, lo2, hi2 in areas[i + 1 :]:
                 if lo1 < hi2 and lo2 < hi1:
                     raise ValueError(
                         f"plc map overlap: {n1} [{lo1}..{hi1 - 1}] and {n2} [{lo2}..{hi2 - 1}] "
@@ -64,12 +70,14 @@ class ModbusMap:
         return self.s.part_id_base + camera_index * self.s.part_id_stride
 
     def encode_record(self, record: DecisionRecord) -> list[int]:
-        return layout.record_words(record, word_order=self.s.word_order,
-                                   byte_order=self.s.byte_order)
+        return layout.record_words(
+            record, word_order=self.s.word_order, byte_order=self.s.byte_order
+        )
 
     def decode_record(self, words: list[int]) -> layout.DecodedRecord:
-        return layout.decode_record_words(words, word_order=self.s.word_order,
-                                          byte_order=self.s.byte_order)
+        return layout.decode_record_words(
+            words, word_order=self.s.word_order, byte_order=self.s.byte_order
+        )
 
     def encode_u16(self, value: int) -> int:
         return layout.u16_word(value, byte_order=self.s.byte_order)
@@ -81,8 +89,9 @@ class ModbusMap:
         return layout.u32_words(value, word_order=self.s.word_order, byte_order=self.s.byte_order)
 
     def decode_u32(self, words: list[int]) -> int:
-        return layout.u32_from_words(words, word_order=self.s.word_order,
-                                     byte_order=self.s.byte_order)
+        return layout.u32_from_words(
+            words, word_order=self.s.word_order, byte_order=self.s.byte_order
+        )
 
 
 class ModbusLink(ReconnectingLink):
@@ -99,8 +108,13 @@ class ModbusLink(ReconnectingLink):
     async def _open(self, timeout_s: float) -> None:
         s = self.settings
         client = AsyncModbusTcpClient(
-            s.host, port=s.port, timeout=timeout_s, retries=0, reconnect_delay=0,
-            name=f"plc-{s.host}:{s.port}", trace_connect=self._on_trace_connect,
+            s.host,
+            port=s.port,
+            timeout=timeout_s,
+            retries=0,
+            reconnect_delay=0,
+            name=f"plc-{s.host}:{s.port}",
+            trace_connect=self._on_trace_connect,
         )
         self._client = client
         if not await client.connect():
@@ -157,8 +171,11 @@ class ModbusLink(ReconnectingLink):
             return await self._read_regs(address, len(words), timeout_s) == words
 
         return await self._write(
-            f"record{record.camera_index}", f"cam{record.camera_index}#seq{record.sequence}",
-            send, confirm, deadline_ns,
+            f"record{record.camera_index}",
+            f"cam{record.camera_index}#seq{record.sequence}",
+            send,
+            confirm,
+            deadline_ns,
         )
 
     async def write_status(self, heartbeat: int, alarms: Alarm, deadline_ns: int) -> WriteResult:
@@ -197,7 +214,8 @@ class ModbusLink(ReconnectingLink):
 
         async def read(timeout_s: float) -> layout.DecodedRecord:
             return self.map.decode_record(
-                await self._read_regs(address, layout.RECORD_WORDS, timeout_s))
+                await self._read_regs(address, layout.RECORD_WORDS, timeout_s)
+            )
 
         return await self._read(read, deadline_ns)
 

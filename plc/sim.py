@@ -50,11 +50,21 @@ class SimCounters:
     """time.monotonic() of the last record per camera."""
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class ModbusPlcSimulator:
     """A Modbus TCP PLC on 127.0.0.1 that holds the project's register map."""
 
-    def __init__(self, settings: ModbusSettings | None = None, camera_slots: int = 4,
-                 host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: ModbusSettings | None = None,
+        camera_slots: int = 4,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
         self.settings = settings or ModbusSettings(port=0, simulator=True)
         self.map = ModbusMap(self.settings, camera_slots)
         self.host = host
@@ -66,8 +76,10 @@ class ModbusPlcSimulator:
         """Delay applied before each write is executed and answered (to emulate a slow PLC)."""
         self._lock = threading.Lock()
         self._counters = SimCounters(
-            records_received=[0] * camera_slots, sequence_gaps=[0] * camera_slots,
-            last_sequence=[None] * camera_slots, last_record_at=[None] * camera_slots,
+            records_received=[0] * camera_slots,
+            sequence_gaps=[0] * camera_slots,
+            last_sequence=[None] * camera_slots,
+            last_record_at=[None] * camera_slots,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -95,7 +107,7 @@ class ModbusPlcSimulator:
     def stop(self) -> None:
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: stop.done() or stop.set_result(None))
+            loop.call_soon_threadsafe(_resolve, stop)
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
@@ -138,8 +150,15 @@ class ModbusPlcSimulator:
 
     # -- the PLC side -------------------------------------------------------------------------
 
-    async def _action(self, function_code: int, start_address: int, address: int, count: int,
-                      registers: list[int], set_values: list[int] | list[bool] | None) -> None:
+    async def _action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> None:
         if function_code not in _WRITE_FCS or not set_values:
             return None
         if self.response_delay_s > 0:
@@ -206,9 +225,16 @@ class ModbusPlcSimulator:
     def counters(self) -> SimCounters:
         with self._lock:
             c = self._counters
-            return SimCounters(list(c.records_received), list(c.sequence_gaps),
-                               list(c.last_sequence), c.write_requests, c.heartbeats_received,
-                               c.last_heartbeat, c.last_alarms, list(c.last_record_at))
+            return SimCounters(
+                list(c.records_received),
+                list(c.sequence_gaps),
+                list(c.last_sequence),
+                c.write_requests,
+                c.heartbeats_received,
+                c.last_heartbeat,
+                c.last_alarms,
+                list(c.last_record_at),
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,14 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record-stride", type=int, default=16)
     p.add_argument("--word-order", choices=["big", "little"], default="big")
     p.add_argument("--byte-order", choices=["big", "little"], default="big")
-    p.add_argument("--log-records", action="store_true",
-                   help="print 'REC <camera> <sequence> <part_id> <verdict>' per record received")
+    p.add_argument(
+        "--log-records",
+        action="store_true",
+        help="print 'REC <camera> <sequence> <part_id> <verdict>' per record received",
+    )
     a = p.parse_args(argv)
-    settings = ModbusSettings(port=a.port, simulator=True, record_base=a.record_base,
-                              record_stride=a.record_stride, word_order=a.word_order,
-                              byte_order=a.byte_order)
+    settings = ModbusSettings(
+        port=a.port,
+        simulator=True,
+        record_base=a.record_base,
+        record_stride=a.record_stride,
+        word_order=a.word_order,
+        byte_order=a.byte_order,
+    )
     sim = ModbusPlcSimulator(settings, a.camera_slots, host=a.host)
     if a.log_records:
+
         def _print(cam: int, rec: layout.DecodedRecord) -> None:
             print(f"REC {cam} {rec.sequence} {rec.part_id} {rec.verdict}", flush=True)
 

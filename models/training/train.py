@@ -43,7 +43,10 @@ def train(recipe: TrainRecipe, on_epoch: EpochCallback | None = None) -> TrainRe
     done = {"epochs": 0}
 
     def _epoch_end(trainer: Any) -> None:
-        done["epochs"] = int(trainer.epoch) + 1
+        epoch = int(trainer.epoch) + 1
+        if epoch <= done["epochs"]:
+            return  # ultralytics fires this once more for the final validation of best.pt
+        done["epochs"] = epoch
         if on_epoch is not None:
             metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
             loss = trainer.tloss

@@ -42,8 +42,9 @@ def sim_cmd(port: int) -> list[str]:
 def sim_process(tmp_path: Path) -> Iterator[Peer]:
     """The simulator as its own process, so tests can kill or SIGSTOP it."""
     port = free_port()
-    with spawned(sim_cmd(port), ready=lambda: port_open(port), what="plc.sim",
-                 log=tmp_path / "sim.log") as proc:
+    with spawned(
+        sim_cmd(port), ready=lambda: port_open(port), what="plc.sim", log=tmp_path / "sim.log"
+    ) as proc:
         yield Peer(port, proc)
 
 
@@ -51,9 +52,17 @@ def sim_process(tmp_path: Path) -> Iterator[Peer]:
 def libmodbus_server_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("libmodbus") / "libmodbus_server"
     subprocess.run(
-        ["gcc", "-O1", "-o", str(out), str(PEERS / "libmodbus_server.c"),
-         "-I/usr/include/modbus", "-lmodbus"],
-        check=True, capture_output=True,
+        [
+            "gcc",
+            "-O1",
+            "-o",
+            str(out),
+            str(PEERS / "libmodbus_server.c"),
+            "-I/usr/include/modbus",
+            "-lmodbus",
+        ],
+        check=True,
+        capture_output=True,
     )
     return out
 
@@ -61,8 +70,12 @@ def libmodbus_server_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def libmodbus_server(libmodbus_server_bin: Path, tmp_path: Path) -> Iterator[Peer]:
     port = free_port()
-    with spawned([str(libmodbus_server_bin), str(port)], ready=lambda: port_open(port),
-                 what="libmodbus server", log=tmp_path / "libmodbus.log") as proc:
+    with spawned(
+        [str(libmodbus_server_bin), str(port)],
+        ready=lambda: port_open(port),
+        what="libmodbus server",
+        log=tmp_path / "libmodbus.log",
+    ) as proc:
         yield Peer(port, proc)
 
 
@@ -70,15 +83,20 @@ def libmodbus_server(libmodbus_server_bin: Path, tmp_path: Path) -> Iterator[Pee
 def pymodbustcp_server(tmp_path: Path) -> Iterator[Peer]:
     port = free_port()
     cmd = [sys.executable, str(PEERS / "pymodbustcp_server.py"), str(port)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         from tests.support import wait_until
 
         wait_until(lambda: port_open(port), 20, "pyModbusTCP server")
         yield Peer(port, proc)
     finally:
-        stop_pid(proc)  # type: ignore[arg-type]
+        stop_pid(proc)
 
 
 _MBPOLL_LINE = re.compile(r"^\[(\d+)\]:\s+0x([0-9A-Fa-f]{4})\s*$")
@@ -89,11 +107,93 @@ def mbpoll_read(port: int, address: int, count: int, unit: int = 1) -> list[int]
     exe = shutil.which("mbpoll")
     assert exe, "mbpoll missing: apt-get install mbpoll"
     out = subprocess.run(
-        [exe, "-m", "tcp", "-p", str(port), "-a", str(unit), "-0", "-r", str(address),
-         "-c", str(count), "-t", "4:hex", "-1", "-o", "2", "127.0.0.1"],
-        check=True, capture_output=True, text=True, timeout=10,
+        [
+            exe,
+            "-m",
+            "tcp",
+            "-p",
+            str(port),
+            "-a",
+            str(unit),
+            "-0",
+            "-r",
+            str(address),
+            "-c",
+            str(count),
+            "-t",
+            "4:hex",
+            "-1",
+            "-o",
+            "2",
+            "127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
     ).stdout
-    regs = {int(m.group(1)): int(m.group(2), 16)
-            for line in out.splitlines() if (m := _MBPOLL_LINE.match(line.strip()))}
+    regs = {
+        int(m.group(1)): int(m.group(2), 16)
+        for line in out.splitlines()
+        if (m := _MBPOLL_LINE.match(line.strip()))
+    }
     assert sorted(regs) == list(range(address, address + count)), out
     return [regs[a] for a in range(address, address + count)]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+NATIVE_SNAP7_PY = ROOT / ".venv-snap7-native" / "bin" / "python"
+
+
+class S7Peer:
+    """An S7 server process with a side channel to its memory (stdin/stdout), stopped by PID."""
+
+    def __init__(self, python: str, port: int, db_number: int = 100, size: int = 1024) -> None:
+        self.port, self.db_number, self.python = port, db_number, python
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
+            [python, str(PEERS / "s7_server.py"), str(port), str(db_number), str(size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        self.banner = self.proc.stdout.readline().strip()
+        if not self.banner.startswith("READY"):
+            stop_pid(self.proc)  # type: ignore[arg-type]
+            raise RuntimeError(f"S7 server did not start ({python}): {self.banner!r}")
+
+    def _ask(self, line: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def dump(self, offset: int, size: int) -> bytes:
+        return bytes.fromhex(self._ask(f"dump {offset} {size}"))
+
+    def put(self, offset: int, data: bytes) -> None:
+        assert self._ask(f"set {offset} {data.hex()}") == "OK"
+
+    def stop(self) -> None:
+        stop_pid(self.proc)  # type: ignore[arg-type]
+
+
+def s7_python(kind: str) -> str:
+    if kind == "python":
+        return sys.executable
+    if not NATIVE_SNAP7_PY.exists():
+        pytest.fail(
+            f"native Snap7 peer missing ({NATIVE_SNAP7_PY}): run scripts/install_snap7_native.sh"
+        )
+    return str(NATIVE_SNAP7_PY)
+
+
+@pytest.fixture(params=["python", "native"])
+def s7_server(request: pytest.FixtureRequest) -> Iterator[S7Peer]:
+    """python-snap7 3.x's pure-Python server, and the native Snap7 server (python-snap7 2.1).
+
+    A fresh port every time: the 3.x server sets SO_REUSEPORT, so a stale server on a reused port
+    would silently share it.
+    """
+    peer = S7Peer(s7_python(request.param), free_port())
+    yield peer
+    peer.stop()

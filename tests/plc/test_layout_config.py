@@ -10,16 +10,29 @@ from plc.config import ModbusSettings, OpcUaSettings, PlcSettings, S7Settings
 from plc.modbus import ModbusMap
 from plc.record import DecisionRecord, Verdict
 
-REC = DecisionRecord(camera_index=0, sequence=0x01020304, part_id=0xA1B2C3D4,
-                     verdict=Verdict.DEFECT, defect_class=3, score_permille=875,
-                     latency_ms=42, model_id=7, reason=0)
+REC = DecisionRecord(
+    camera_index=0,
+    sequence=0x01020304,
+    part_id=0xA1B2C3D4,
+    verdict=Verdict.DEFECT,
+    defect_class=3,
+    score_permille=875,
+    latency_ms=42,
+    model_id=7,
+    reason=0,
+)
 
 
 def test_record_bytes_match_the_documented_table() -> None:
     b = layout.record_bytes(REC)
     assert b.hex() == (
         "a1b2c3d4"  # part_id
-        "0002" "0003" "036b" "002a" "0007" "0000"  # verdict class score latency model reason
+        "0002"
+        "0003"
+        "036b"
+        "002a"
+        "0007"
+        "0000"  # verdict class score latency model reason
         "01020304"  # sequence, last
     )
 
@@ -33,8 +46,9 @@ def test_record_bytes_match_the_documented_table() -> None:
         ("little", "little", [0xD4C3, 0xB2A1], [0x0403, 0x0201]),
     ],
 )
-def test_word_and_byte_order(word_order: str, byte_order: str, first_words: list[int],
-                             seq_words: list[int]) -> None:
+def test_word_and_byte_order(
+    word_order: str, byte_order: str, first_words: list[int], seq_words: list[int]
+) -> None:
     words = layout.record_words(REC, word_order=word_order, byte_order=byte_order)  # type: ignore[arg-type]
     assert len(words) == layout.RECORD_WORDS
     assert words[0:2] == first_words
@@ -47,8 +61,16 @@ def test_word_and_byte_order(word_order: str, byte_order: str, first_words: list
 
 
 def test_out_of_range_values_saturate_or_wrap_instead_of_crashing() -> None:
-    r = DecisionRecord(0, sequence=2**32 + 5, part_id=-1, verdict=Verdict.OK, defect_class=0,
-                       score_permille=5000, latency_ms=10**6, model_id=70000)
+    r = DecisionRecord(
+        0,
+        sequence=2**32 + 5,
+        part_id=-1,
+        verdict=Verdict.OK,
+        defect_class=0,
+        score_permille=5000,
+        latency_ms=10**6,
+        model_id=70000,
+    )
     d = layout.decode_record_bytes(layout.record_bytes(r))
     assert d.sequence == 5  # uint32 wraps, like the PLC's counter
     assert d.part_id == 0xFFFFFFFF
@@ -62,7 +84,7 @@ def test_settings_union_picks_backend_by_type() -> None:
     assert isinstance(ta.validate_python({"type": "modbus", "host": "10.0.0.5"}), ModbusSettings)
     assert isinstance(ta.validate_python({"type": "s7", "db_number": 5}), S7Settings)
     assert isinstance(ta.validate_python({"type": "opcua"}), OpcUaSettings)
-    with pytest.raises(ValidationError, match="union_tag_invalid|does not match"):
+    with pytest.raises(ValidationError, match=r"union_tag_invalid|does not match"):
         ta.validate_python({"type": "profinet"})
 
 
@@ -73,8 +95,10 @@ def test_settings_union_picks_backend_by_type() -> None:
         ({"type": "modbus", "port": 0}, "port 0 is only allowed with simulator"),
         ({"type": "modbus", "record_stride": 4}, "greater than or equal to 10"),
         ({"type": "modbus", "word_order": "middle"}, "'big' or 'little'"),
-        ({"type": "modbus", "reconnect_backoff_min_ms": 900, "reconnect_backoff_max_ms": 100},
-         "reconnect_backoff_min_ms must be <="),
+        (
+            {"type": "modbus", "reconnect_backoff_min_ms": 900, "reconnect_backoff_max_ms": 100},
+            "reconnect_backoff_min_ms must be <=",
+        ),
         ({"type": "modbus", "heartbeat_register": 5, "alarm_register": 5}, "must differ"),
         ({"type": "opcua", "endpoint": "http://x"}, "opc"),
     ],

@@ -29,9 +29,17 @@ def deadline(ms: float) -> int:
     return time.monotonic_ns() + int(ms * MS)
 
 
-REC = DecisionRecord(camera_index=2, sequence=0x00012345, part_id=0xA1B2C3D4,
-                     verdict=Verdict.DEFECT, defect_class=3, score_permille=875,
-                     latency_ms=42, model_id=7, reason=0)
+REC = DecisionRecord(
+    camera_index=2,
+    sequence=0x00012345,
+    part_id=0xA1B2C3D4,
+    verdict=Verdict.DEFECT,
+    defect_class=3,
+    score_permille=875,
+    latency_ms=42,
+    model_id=7,
+    reason=0,
+)
 # docs/plc-register-map.md, big word order, big byte order, camera 2 at 1000 + 2*16 = 1032
 REC_WORDS = [0xA1B2, 0xC3D4, 0x0002, 0x0003, 0x036B, 0x002A, 0x0007, 0x0000, 0x0001, 0x2345]
 
@@ -60,7 +68,9 @@ async def test_record_matches_the_documented_map_byte_for_byte(
         r = await link.write_decision(REC, deadline(200))
         assert r.outcome is WriteOutcome.ACKED, r
         assert r.acked_ns is not None
-        s = await link.write_status(0xBEEF, Alarm.CAMERA_DOWN | Alarm.FAILSAFE_ACTIVE, deadline(200))
+        s = await link.write_status(
+            0xBEEF, Alarm.CAMERA_DOWN | Alarm.FAILSAFE_ACTIVE, deadline(200)
+        )
         assert s.outcome is WriteOutcome.ACKED, s
     finally:
         await link.close()
@@ -70,14 +80,25 @@ async def test_record_matches_the_documented_map_byte_for_byte(
 
 
 async def test_little_word_and_byte_order_reach_the_wire(libmodbus_server: Peer) -> None:
-    link = await started(ModbusSettings(port=libmodbus_server.port, word_order="little",
-                                        byte_order="little"))
+    link = await started(
+        ModbusSettings(port=libmodbus_server.port, word_order="little", byte_order="little")
+    )
     try:
         assert (await link.write_decision(REC, deadline(200))).outcome is WriteOutcome.ACKED
     finally:
         await link.close()
     assert mbpoll_read(libmodbus_server.port, 1032, 10) == [
-        0xD4C3, 0xB2A1, 0x0200, 0x0300, 0x6B03, 0x2A00, 0x0700, 0x0000, 0x4523, 0x0100]
+        0xD4C3,
+        0xB2A1,
+        0x0200,
+        0x0300,
+        0x6B03,
+        0x2A00,
+        0x0700,
+        0x0000,
+        0x4523,
+        0x0100,
+    ]
 
 
 async def test_one_request_per_record_and_serialised_concurrent_writers(
@@ -107,9 +128,14 @@ async def test_part_id_announced_by_the_plc_is_read(pymodbustcp_server: Peer) ->
     mbpoll = shutil.which("mbpoll")
     assert mbpoll
     # camera 1's part id at 200 + 1*2, written by an independent client (mbpoll) as the PLC would
-    subprocess.run([mbpoll, "-m", "tcp", "-p", str(pymodbustcp_server.port), "-a", "1", "-0",
-                    "-r", "202", "-t", "4", "-1", "127.0.0.1", "4660", "22136"],
-                   check=True, capture_output=True, timeout=10)
+    cmd = [mbpoll, "-m", "tcp", "-p", str(pymodbustcp_server.port), "-a", "1", "-0", "-r", "202"]
+    await asyncio.to_thread(
+        subprocess.run,
+        [*cmd, "-t", "4", "-1", "127.0.0.1", "4660", "22136"],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
     link = await started(ModbusSettings(port=pymodbustcp_server.port))
     try:
         assert await link.read_part_id(1, deadline(200)) == 0x12345678
@@ -133,7 +159,9 @@ async def test_exception_response_is_a_definite_failure(libmodbus_server: Peer) 
     # libmodbus holds 8192 registers: camera 0's record at 8190 runs off the end
     link = await started(ModbusSettings(port=libmodbus_server.port, record_base=8188))
     try:
-        ok = await link.write_decision(REC.__class__(0, 1, 1, Verdict.OK, 0, 1, 1, 1), deadline(200))
+        ok = await link.write_decision(
+            REC.__class__(0, 1, 1, Verdict.OK, 0, 1, 1, 1), deadline(200)
+        )
         assert ok.outcome is WriteOutcome.FAILED and "exception response" in ok.detail, ok
         assert link.connected  # a refusal is not a broken connection
         assert (await link.write_status(1, Alarm(0), deadline(200))).outcome is WriteOutcome.ACKED
@@ -148,13 +176,16 @@ async def test_first_connect_fails_then_link_comes_up_on_its_own() -> None:
     await link.start()
     try:
         t0 = time.monotonic()
-        r = await link.write_decision(DecisionRecord(0, 1, 1, Verdict.OK, 0, 1, 1, 1), deadline(100))
+        r = await link.write_decision(
+            DecisionRecord(0, 1, 1, Verdict.OK, 0, 1, 1, 1), deadline(100)
+        )
         assert r.outcome is WriteOutcome.FAILED and "not connected" in r.detail
         assert time.monotonic() - t0 < 0.05  # a down link answers at once, it does not wait
         with ModbusPlcSimulator(ModbusSettings(port=port, simulator=True), 1) as sim:
             assert await link.wait_connected(3), link.health()
-            r = await link.write_decision(DecisionRecord(0, 2, 2, Verdict.OK, 0, 1, 1, 1),
-                                          deadline(100))
+            r = await link.write_decision(
+                DecisionRecord(0, 2, 2, Verdict.OK, 0, 1, 1, 1), deadline(100)
+            )
             assert r.outcome is WriteOutcome.ACKED
             assert sim.read_record(0)["sequence"] == 2
     finally:

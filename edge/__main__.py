@@ -1,0 +1,5 @@
+"""`python -m edge` = the `edge` command."""
+
+from edge.cli import app
+
+app()

@@ -1,0 +1,79 @@
+"""The promotion gate: a model reaches the line only if it is good enough on held-out parts.
+
+The gate judges image-level precision and recall on the TEST split at the threshold chosen on
+VALIDATION, so the operating point is not tuned on the data that judges it. Detection metrics
+(mAP) may be required too, but the line only cares about OK/DEFECT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.training.operating_point import OperatingPoint
+
+
+class GateCriteria(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_precision: float = Field(0.97, ge=0, le=1)
+    min_recall: float = Field(0.95, ge=0, le=1)
+    min_defect_images: int = Field(20, ge=1)
+    """Fewer held-out defects than this and a 95 % recall is not measurable: refuse."""
+    min_ok_images: int = Field(20, ge=1)
+    min_box_map50: float | None = Field(None, ge=0, le=1)
+    min_mask_map50: float | None = Field(None, ge=0, le=1)
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    """Why it was refused (empty when it passed)."""
+    measured: dict[str, float] = field(default_factory=dict)
+    criteria: dict[str, float | int | None] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def judge(
+    test_point: OperatingPoint,
+    criteria: GateCriteria | None = None,
+    detection_metrics: dict[str, float] | None = None,
+) -> GateDecision:
+    """Pass or refuse, listing every failed criterion (not just the first)."""
+    c = criteria or GateCriteria()
+    reasons: list[str] = []
+    n_def = test_point.tp + test_point.fn
+    n_ok = test_point.tn + test_point.fp
+    measured = {
+        "image_precision": test_point.precision,
+        "image_recall": test_point.recall,
+        "threshold": test_point.threshold,
+        "defect_images": float(n_def),
+        "ok_images": float(n_ok),
+    }
+    if n_def < c.min_defect_images:
+        reasons.append(f"only {n_def} defect images held out (need >= {c.min_defect_images})")
+    if n_ok < c.min_ok_images:
+        reasons.append(f"only {n_ok} OK images held out (need >= {c.min_ok_images})")
+    if test_point.precision < c.min_precision:
+        reasons.append(f"image precision {test_point.precision:.4f} < {c.min_precision:.4f} "
+                       f"({test_point.fp} OK parts rejected)")
+    if test_point.recall < c.min_recall:
+        reasons.append(f"image recall {test_point.recall:.4f} < {c.min_recall:.4f} "
+                       f"({test_point.fn} defective parts passed)")
+    dm = detection_metrics or {}
+    for key, bound in (("box_map50", c.min_box_map50), ("mask_map50", c.min_mask_map50)):
+        if bound is None:
+            continue
+        value = dm.get(key)
+        if value is None:
+            reasons.append(f"{key} required (>= {bound}) but not measured")
+        else:
+            measured[key] = float(value)
+            if value < bound:
+                reasons.append(f"{key} {value:.4f} < {bound:.4f}")
+    return GateDecision(not reasons, reasons, measured, c.model_dump())

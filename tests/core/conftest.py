@@ -1,0 +1,92 @@
+"""Fixtures for the daemon-core tests: a Modbus PLC in its own process, mbpoll read-back, the model."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support import free_port, stop_pid
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_PACKAGE = ROOT / "models" / "demo" / "package"
+DEMO_SAMPLES = ROOT / "models" / "demo" / "samples"
+RECORD_BASE, RECORD_STRIDE = 1000, 16
+
+
+@dataclass
+class PlcProcess:
+    """The simulator in a separate process; it prints one line per record it receives."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    records: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """(camera, sequence, part_id, verdict) in arrival order, as the server saw them."""
+
+    def read_record(self, slot: int) -> dict[str, int]:
+        return mbpoll_record(self.port, slot)
+
+
+def mbpoll_registers(port: int, address: int, count: int) -> list[int]:
+    """Holding registers read by mbpoll (Debian), a Modbus client this project did not write."""
+    out = subprocess.run(
+        ["mbpoll", "-m", "tcp", "-p", str(port), "-a", "1", "-0", "-r", str(address),
+         "-c", str(count), "-t", "4", "-1", "127.0.0.1"],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout
+    values = dict((int(a), int(v)) for a, v in re.findall(r"^\[(\d+)\]:\s+(-?\d+)", out, re.M))
+    return [values[address + i] & 0xFFFF for i in range(count)]
+
+
+def mbpoll_record(port: int, slot: int) -> dict[str, int]:
+    """Decode a record per docs/plc-register-map.md (big-endian words, high word first)."""
+    w = mbpoll_registers(port, RECORD_BASE + slot * RECORD_STRIDE, 10)
+    return {
+        "part_id": w[0] << 16 | w[1], "verdict": w[2], "defect_class": w[3],
+        "score_permille": w[4], "latency_ms": w[5], "model_id": w[6], "reason": w[7],
+        "sequence": w[8] << 16 | w[9],
+    }
+
+
+@pytest.fixture
+def plc() -> Iterator[PlcProcess]:
+    """A Modbus PLC simulator process; collects its per-record lines (independent accounting)."""
+    port = free_port()
+    cmd = [sys.executable, "-u", "-m", "plc.sim", "--port", str(port), "--camera-slots", "4",
+           "--log-records"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    plc = PlcProcess(port, proc)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode().split()
+            if line[:1] == ["READY"]:
+                ready.set()
+            elif line[:1] == ["REC"]:
+                plc.records.append(tuple(int(x) for x in line[1:5]))  # type: ignore[arg-type]
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    try:
+        assert ready.wait(20), "PLC simulator did not print READY"
+        yield plc
+    finally:
+        stop_pid(proc)
+        t.join(5)
+
+
+@pytest.fixture(scope="session")
+def demo_package() -> Path:
+    assert (DEMO_PACKAGE / "manifest.json").is_file(), (
+        f"the bundled demo model is missing at {DEMO_PACKAGE}; scripts/make_demo_model.sh makes it"
+    )
+    return DEMO_PACKAGE

@@ -1,0 +1,222 @@
+"""The daemon as a process: `edge run` under a fake systemd notify socket, drained by SIGTERM.
+
+The PLC is a separate simulator process (it outlives the daemon, so its registers are read with
+mbpoll after the daemon is gone); the spool is read with sqlite3 directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record
+from tests.support import wait_until
+
+EDGE = [sys.executable, "-m", "edge"]
+
+
+def line_yaml(tmp: Path, plc_port: int, package: Path, **over: Any) -> Path:
+    cfg: dict[str, Any] = {
+        "line": "test-line",
+        "cameras": [{"id": "cam0", "type": "replay", "plc_slot": 0, "path": str(DEMO_SAMPLES),
+                     "fps": 30, "loop": True}],
+        "model": {"package": str(package), "intra_op_threads": 1},
+        "plc": {"type": "modbus", "host": "127.0.0.1", "port": plc_port},
+        "uplink": {"spool_dir": str(tmp / "spool"), "quota_mb": 64},
+        "status": {"heartbeat_ms": 100},
+        "observability": {"port": 0},
+        "logging": {"format": "json"},
+    }
+    cfg.update(over)
+    path = tmp / "line.yaml"
+    with path.open("w") as f:
+        YAML().dump(cfg, f)
+    return path
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: records every datagram the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._recv, daemon=True)
+        self._t.start()
+
+    def _recv(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def seen(self, prefix: str) -> list[float]:
+        return [t for t, m in self.messages for part in m.split("\n") if part.startswith(prefix)]
+
+    def close(self) -> None:
+        self._stop = True
+        self._t.join(2)
+        self.sock.close()
+
+
+class DaemonProc:
+    def __init__(self, config: Path, env: dict[str, str], summary: Path) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.proc = subprocess.Popen(
+            [*EDGE, "run", "--config", str(config), "--summary-json", str(summary)],
+            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
+        )
+        self._t = threading.Thread(target=self._pump, daemon=True)
+        self._t.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:
+                continue
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        return next((rec for rec in self.lines if rec.get("event") == name), None)
+
+
+@pytest.fixture
+def notify(tmp_path: Path):  # type: ignore[no-untyped-def]
+    n = NotifySocket(tmp_path / "notify.sock")
+    yield n
+    n.close()
+
+
+def test_sigterm_drains_and_everything_is_accounted(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path, notify: NotifySocket
+) -> None:
+    config = line_yaml(tmp_path, plc.port, demo_package)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "600000"}
+    summary_path = tmp_path / "summary.json"
+    d = DaemonProc(config, env, summary_path)
+    try:
+        wait_until(lambda: bool(notify.seen("READY=1")), 60, "READY=1 from the daemon")
+        wait_until(lambda: d.event("daemon_ready") is not None, 5, "daemon_ready log line")
+        ready = d.event("daemon_ready")
+        assert ready is not None
+        port = ready["http_port"]
+        # Let frames flow, then look at health and metrics while running.
+        wait_until(lambda: len(plc.records) >= 20, 30, "20 decisions at the PLC")
+        health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5))
+        assert health["status"] == "ok", health
+        assert {"plc", "model", "spool", "camera:cam0"} <= set(health["components"])
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"edge_end_to_end_latency_ms_bucket" in metrics
+        assert b'edge_component_up{component="plc"} 1.0' in metrics
+        d.proc.send_signal(signal.SIGTERM)
+        rc = d.proc.wait(30)
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(5)
+    assert rc == 0, d.lines[-5:]
+    s = json.loads(summary_path.read_text())
+    assert s["exit_reason"] == "SIGTERM"
+    assert s["frames"] == s["decided"] > 0, s
+    assert s["deadline_misses"] == 0, s
+    # The PLC saw exactly one record per frame, in sequence, and mbpoll reads the last one.
+    assert [seq for _c, seq, _p, _v in plc.records] == list(range(1, s["decided"] + 1))
+    assert mbpoll_record(plc.port, 0)["sequence"] == s["decided"]
+    # Every decided part is in the spool (flushed on shutdown).
+    db = next((tmp_path / "spool").glob("*.db"))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == s["decided"]
+    # systemd protocol: READY, then WATCHDOG pings at < WatchdogSec/2, then STOPPING.
+    pings = notify.seen("WATCHDOG=1")
+    assert len(pings) >= 2
+    assert max(b - a for a, b in zip(pings, pings[1:], strict=False)) < 0.6
+    assert notify.seen("STOPPING=1")
+    assert notify.seen("STATUS=")
+
+
+def test_config_check_reports_every_error_with_its_key_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "line: 'bad line!'\n"
+        "cameras:\n"
+        "  - {id: c0, type: replay, plc_slot: 0, path: /nonexistent, fps: -5}\n"
+        "  - {id: c0, type: teleport, plc_slot: 0}\n"
+        "model: {package: x, runtme: onnxruntime}\n"
+        "plc: {type: modbus, port: 70000}\n"
+        "uplink: {}\n"
+        "pipeline: {budget_ms: 348, failsafe_reserve_ms: 400}\n"
+    )
+    r = subprocess.run([*EDGE, "config", "check", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2
+    err = r.stderr
+    for expected in ("line:", "cameras[0].fps:", "cameras[1]:", "model.runtme: unknown key",
+                     "plc.port:", "pipeline:"):
+        assert expected in err, f"{expected!r} missing from:\n{err}"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("line: [unclosed\n", "YAML syntax"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+        ("", "top level must be a mapping"),
+    ],
+)
+def test_config_check_rejects_malformed_yaml(tmp_path: Path, text: str, expected: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    r = subprocess.run([*EDGE, "config", "check", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and expected in r.stderr, r.stderr
+
+
+def test_shipped_configs_are_valid() -> None:
+    for name in ("demo.yaml", "line.example.yaml"):
+        r = subprocess.run([*EDGE, "config", "check", str(ROOT / "configs" / name)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "EDGE_S3_SECRET_KEY": "x", "EDGE_S3_ACCESS_KEY": "x"})
+        assert r.returncode == 0, r.stderr
+
+
+def test_runtime_import_path_has_no_torch_or_ultralytics() -> None:
+    code = (
+        "import sys, edge.cli, edge.daemon, edge.bench, models.loader, models.onnx_runtime\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ultralytics'))\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (ROOT / "systemd" / "edge.service").read_text()
+    local = tmp_path / "edge.service"
+    local.write_text(unit.replace("/opt/edge/venv/bin/edge", str(Path(sys.executable).parent / "edge")))
+    r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ProtectSystem=strict",
+                      "NoNewPrivileges=yes", "RestartPreventExitStatus=2"):
+        assert directive in unit

@@ -1,0 +1,253 @@
+"""Unit checks of the numpy pre/post-processing against the reference implementations it mirrors.
+
+Each piece is compared with the code ultralytics (or torchvision, which ultralytics calls) runs
+in its own predict: the letterbox, the NMS, the box rescale and the bilinear mask resize.
+The end-to-end comparison on a real model is in test_decode_equivalence.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.decode import DecodeParams, _axis_maps, _bilinear_matrix, decode_image, nms, scale_boxes
+from models.package import NUM_MASK_COEFFS
+from models.preprocess import letterbox, preprocess
+from models.types import ModelError
+
+SHAPES = [(256, 256), (240, 320), (320, 240), (457, 123), (97, 161), (1200, 1920), (1, 5), (33, 7)]
+INPUTS = [(320, 320), (256, 320), (640, 640)]
+
+
+@pytest.mark.parametrize("input_hw", INPUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_letterbox_is_ultralytics_letterbox(
+    ultralytics_offline: Path, shape: tuple[int, int], input_hw: tuple[int, int]
+) -> None:
+    from ultralytics.data.augment import LetterBox
+
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours, ratio, pad = letterbox(img, input_hw)
+    ref = LetterBox(input_hw, auto=False, stride=32)(image=img)
+    assert ours.shape == (*input_hw, 3)
+    np.testing.assert_array_equal(ours, ref)
+    assert ratio == pytest.approx(min(input_hw[0] / shape[0], input_hw[1] / shape[1]))
+    assert all(p >= 0 for p in pad)
+
+
+def test_preprocess_tensor_is_ultralytics_tensor(ultralytics_offline: Path) -> None:
+    """RGB order, CHW, float32 /255, identical to the tensor ultralytics feeds its model."""
+    import torch
+    from ultralytics.data.augment import LetterBox
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (123, 457, 3), dtype=np.uint8)
+    p = preprocess(img, (320, 320))
+    boxed = LetterBox((320, 320), auto=False, stride=32)(image=img)
+    ref = torch.from_numpy(boxed).unsqueeze(0).permute(0, 3, 1, 2).flip(1).float().div_(255)
+    assert p.tensor.dtype == np.float32 and p.tensor.flags.c_contiguous
+    np.testing.assert_array_equal(p.tensor, ref.numpy())
+    assert p.orig_shape == (123, 457)
+
+
+def test_mono_input_equals_its_bgr_expansion() -> None:
+    rng = np.random.default_rng(2)
+    mono = rng.integers(0, 256, (200, 300), dtype=np.uint8)
+    bgr = np.repeat(mono[:, :, None], 3, axis=2)
+    a = preprocess(mono, (320, 320))
+    b = preprocess(bgr, (320, 320))
+    c = preprocess(mono[:, :, None], (320, 320))
+    np.testing.assert_array_equal(a.tensor, b.tensor)
+    np.testing.assert_array_equal(a.tensor, c.tensor)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((10, 10, 4), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((10,), np.uint8),
+        np.zeros((0, 10, 3), np.uint8),
+    ],
+    ids=["bgra", "float", "1d", "empty"],
+)
+def test_bad_images_raise_model_error(bad: np.ndarray) -> None:
+    with pytest.raises(ModelError, match=r"image|shape|dtype"):
+        preprocess(bad, (320, 320))
+
+
+def _random_boxes(rng: np.random.Generator, n: int, span: float = 300.0) -> np.ndarray:
+    xy = rng.uniform(0, span, (n, 2))
+    wh = rng.uniform(2, 80, (n, 2))
+    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("iou", [0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("seed", range(5))
+def test_nms_matches_torchvision(iou: float, seed: int) -> None:
+    import torch
+    import torchvision
+
+    rng = np.random.default_rng(seed)
+    boxes = _random_boxes(rng, 400)
+    scores = rng.uniform(0, 1, 400).astype(np.float32)
+    ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+    np.testing.assert_array_equal(nms(boxes, scores, iou), ref)
+
+
+def test_nms_handles_empty_and_single() -> None:
+    assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5).size == 0
+    np.testing.assert_array_equal(
+        nms(np.array([[0, 0, 1, 1]], np.float32), np.array([0.9], np.float32), 0.5), [0]
+    )
+
+
+def _fake_output(
+    rng: np.random.Generator, nc: int, n: int, input_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A plausible raw YOLOv8-seg output: clustered boxes, sparse class scores, mask logits."""
+    centers = rng.uniform(20, min(input_hw) - 20, (6, 2))
+    pick = rng.integers(0, 6, n)
+    xy = centers[pick] + rng.normal(0, 6, (n, 2))
+    wh = rng.uniform(8, 60, (n, 2))
+    cls = rng.uniform(0, 0.2, (nc, n))
+    hot = rng.integers(0, nc, n)
+    cls[hot, np.arange(n)] = rng.uniform(0, 1, n)
+    coeffs = rng.normal(0, 1, (NUM_MASK_COEFFS, n))
+    pred = np.concatenate([xy.T, wh.T, cls, coeffs]).astype(np.float32)
+    protos = rng.normal(0, 1, (NUM_MASK_COEFFS, input_hw[0] // 4, input_hw[1] // 4))
+    return pred, protos.astype(np.float32)
+
+
+@pytest.mark.parametrize("orig", [(240, 320), (457, 123), (1200, 1920), (320, 320)])
+def test_decode_matches_ultralytics_ops_on_synthetic_outputs(
+    ultralytics_offline: Path, orig: tuple[int, int]
+) -> None:
+    """Full decode vs ultralytics' non_max_suppression + scale_boxes + process_mask_native."""
+    import torch
+    from ultralytics.utils import nms as unms
+    from ultralytics.utils import ops
+
+    input_hw, nc = (320, 320), 4
+    rng = np.random.default_rng(orig[0])
+    pred, protos = _fake_output(rng, nc, 2100, input_hw)
+    params = DecodeParams(conf=0.25, iou=0.7, max_det=300)
+    names = [f"c{i}" for i in range(nc)]
+    ours = decode_image(pred, protos, orig, input_hw, names, params)
+
+    det = unms.non_max_suppression(torch.from_numpy(pred[None]), 0.25, 0.7, max_det=300, nc=nc)[0]
+    det[:, :4] = ops.scale_boxes(input_hw, det[:, :4], orig)
+    masks = ops.process_mask_native(torch.from_numpy(protos), det[:, 6:], det[:, :4], orig)
+    keep = masks.amax((-2, -1)) > 0
+    det, masks = det[keep], masks[keep].numpy().astype(bool)
+
+    assert len(ours) == len(det) > 0
+    for d, ref, m in zip(ours, det.numpy(), masks, strict=True):
+        np.testing.assert_allclose(d.box, ref[:4], atol=1e-3)
+        assert d.score == pytest.approx(float(ref[4]), abs=1e-6)
+        assert d.class_id == int(ref[5])
+        assert d.mask is not None and d.mask.shape == orig
+        inter = np.logical_and(d.mask, m).sum()
+        union = np.logical_or(d.mask, m).sum()
+        assert inter / union > 0.995
+        assert d.area_px == int(d.mask.sum())
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(80, 320), (80, 240), (320, 123), (160, 1920), (7, 3)])
+def test_bilinear_matrix_matches_torch_interpolate(n_in: int, n_out: int) -> None:
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    rng = np.random.default_rng(n_in + n_out)
+    x = rng.normal(0, 1, (5, n_in)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(x)[None, :, :, None], (n_out, 1), mode="bilinear")
+    ours = x @ _bilinear_matrix(n_in, n_out).T
+    np.testing.assert_allclose(ours, ref[0, :, :, 0].numpy(), atol=1e-5)
+
+
+def test_axis_maps_reproduce_native_mask_resize(ultralytics_offline: Path) -> None:
+    """The folded per-axis maps give the logits ultralytics computes at full resolution."""
+    import math
+
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from ultralytics.utils import ops
+
+    rng = np.random.default_rng(3)
+    mh, mw, orig = 80, 80, (457, 123)
+    logits = rng.normal(0, 1, (mh, mw)).astype(np.float32)
+    a, b = _axis_maps((mh, mw), orig)
+    ours = a @ logits @ b.T
+    # Reference: the steps of ultralytics.utils.ops.process_mask_native before thresholding.
+    h, w = orig
+    gain = min(4 * mh / h, 4 * mw / w)
+    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
+    f = 4 // math.gcd(4, pad | pad // 2)
+    c = torch.from_numpy(logits)[None, None]
+    c = F.interpolate(c, scale_factor=f, mode="bilinear") if f > 1 else c
+    ref = ops.scale_masks(c, orig)[0, 0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_scale_boxes_matches_ultralytics(ultralytics_offline: Path) -> None:
+    import torch
+    from ultralytics.utils import ops
+
+    rng = np.random.default_rng(4)
+    boxes = _random_boxes(rng, 50, 280)
+    for orig in [(457, 123), (240, 320), (1200, 1920)]:
+        ref = ops.scale_boxes((320, 320), torch.from_numpy(boxes.copy()), orig).numpy()
+        np.testing.assert_allclose(scale_boxes(boxes, (320, 320), orig), ref, atol=1e-4)
+
+
+def test_decode_rejects_wrong_output_shapes() -> None:
+    names = ["a", "b"]
+    with pytest.raises(ModelError, match="output0"):
+        decode_image(
+            np.zeros((4 + 3 + 32, 10), np.float32),
+            np.zeros((32, 8, 8), np.float32),
+            (32, 32),
+            (32, 32),
+            names,
+            DecodeParams(),
+        )
+    with pytest.raises(ModelError, match="output1"):
+        decode_image(
+            np.zeros((4 + 2 + 32, 10), np.float32),
+            np.zeros((16, 8, 8), np.float32),
+            (32, 32),
+            (32, 32),
+            names,
+            DecodeParams(),
+        )
+
+
+def test_max_det_and_conf_are_applied() -> None:
+    rng = np.random.default_rng(5)
+    pred, protos = _fake_output(rng, 3, 2100, (320, 320))
+    names = ["a", "b", "c"]
+    many = decode_image(pred, protos, (320, 320), (320, 320), names, DecodeParams(conf=0.05))
+    few = decode_image(pred, protos, (320, 320), (320, 320), names, DecodeParams(conf=0.05, max_det=3))
+    strict = decode_image(pred, protos, (320, 320), (320, 320), names, DecodeParams(conf=0.9))
+    assert len(many) > 3 and len(few) <= 3
+    assert [d.score for d in few] == [d.score for d in many[: len(few)]]
+    assert all(d.score > 0.9 for d in strict)
+    assert all(a.score >= b.score for a, b in zip(many, many[1:], strict=False))
+
+
+def test_outline_is_a_polygon_inside_the_mask_box() -> None:
+    rng = np.random.default_rng(6)
+    pred, protos = _fake_output(rng, 2, 2100, (320, 320))
+    dets = decode_image(pred, protos, (480, 640), (320, 320), ["a", "b"], DecodeParams())
+    assert dets
+    for d in dets:
+        assert len(d.outline) >= 3 or d.area_px < 4
+        x1, y1, x2, y2 = d.box
+        for x, y in d.outline:
+            assert x1 - 1 <= x <= x2 + 1 and y1 - 1 <= y <= y2 + 1
+    no_masks = decode_image(pred, protos, (480, 640), (320, 320), ["a", "b"], DecodeParams(), masks=False)
+    assert [d.area_px for d in no_masks] == [d.area_px for d in dets]
+    assert all(d.mask is None for d in no_masks)
