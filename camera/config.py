@@ -6,10 +6,11 @@ Unknown keys are errors everywhere (``extra="forbid"``): a misspelt node name in
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -122,9 +123,20 @@ class AravisCameraSettings(_CameraCommon):
 
     type: Literal["aravis"]
     address: str = Field(description="The camera's IPv4 address; no broadcast discovery is done.")
+    interface_address: str | None = Field(
+        default=None, description="Host address to talk from; None = the route to ``address``."
+    )
     nodes: NodeSettings = Field(default_factory=NodeSettings)
     required_nodes: list[str] = Field(default_factory=list)
     packet_size: int | None = Field(default=None, ge=576, le=16384)
+
+    @field_validator("address", "interface_address")
+    @classmethod
+    def _ipv4(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.IPv4Address(v)  # ValueError names the bad value
+        return v
+
     fetch_timeout_s: float = Field(default=0.2, gt=0)
     buffer_count: int = Field(default=8, ge=1, le=256)
     output: Literal["mono8", "bgr8"] = "mono8"

@@ -31,6 +31,7 @@ from camera.frame import Frame
 from camera.nodes import Kind, NodeReport, Value, apply, plan
 from camera.pixels import convert
 from camera.source import CameraConfigError, CameraError
+from camera.triggerq import TriggerQueue
 
 log = structlog.get_logger(__name__)
 
@@ -224,9 +225,7 @@ class GenicamSource:
         self._ctl_lock = threading.Lock()  # node access (trigger) vs. destroy
         self._producer: Producer | None = None
         self._s: _Session | None = None
-        self._triggers_fired = 0
-        self._triggers_requested = 0
-        self._in_flight = False
+        self._triggers = TriggerQueue(self._fire)
         self._last_part = 0
         self.node_report: NodeReport | None = None
         self.device: dict[str, Any] | None = None
@@ -297,15 +296,13 @@ class GenicamSource:
             ia.start()
         except Exception as exc:
             raise CameraError(f"camera {st.id}: acquisition start failed: {exc}") from exc
-        with self._ctl_lock:
-            self._triggers_requested = self._triggers_fired  # queued triggers died with the device
-            self._in_flight = False
+        self._triggers.reset()  # queued triggers died with the previous session
         self._s = _Session(
             ia=ia,
             nodes=nodes,
             frame_ids=FrameIdUnwrapper(),
             stamps=TimestampUnwrapper(st.timestamp_wrap_ns),
-            part_base=max(self._triggers_fired, self._last_part),
+            part_base=max(self._triggers.fired, self._last_part),
         )
 
     def read(self, timeout_s: float) -> Frame | None:
@@ -344,7 +341,7 @@ class GenicamSource:
         if s.first_frame_id is None:
             s.first_frame_id = frame_id
         if self._software_trigger:
-            part_id = self._answer_trigger()
+            part_id = self._triggers.answered()
         elif self._triggered:
             # Hardware trigger: the device counts one frame per trigger, so the id delta maps
             # frames to triggers even when a frame is lost in between.
@@ -367,45 +364,21 @@ class GenicamSource:
         )
 
     def trigger(self) -> None:
-        """Request one software trigger (one part).
+        """Request one software trigger (one part); serialised, see camera.triggerq."""
+        if self._software_trigger:
+            self._triggers.request()
 
-        Triggers are serialised: the next fires only when the previous one's frame has arrived.
-        A camera ignores a trigger while it is still busy with the last one (TLSimu drops
-        triggers closer than ~5 ms), which would silently shift every later part id by one; with
-        one trigger in flight, frame k is always the answer to trigger k.
-        """
-        if not self._software_trigger:
-            return
+    def _fire(self) -> None:
         with self._ctl_lock:
             s = self._s
             if s is None or not s.ia.is_valid():
                 raise CameraError(f"camera {self.camera_id}: trigger on a closed source")
-            self._triggers_requested += 1
-            if not self._in_flight:
-                self._fire(s)
-
-    def _fire(self, s: _Session) -> None:
-        """Execute TriggerSoftware (ctl lock held)."""
-        try:
-            s.nodes.execute("TriggerSoftware")
-        except Exception as exc:
-            self._triggers_requested = self._triggers_fired
-            raise CameraError(f"camera {self.camera_id}: TriggerSoftware failed: {exc}") from exc
-        self._triggers_fired += 1
-        self._in_flight = True
-
-    def _answer_trigger(self) -> int:
-        """The part id of the frame just fetched, and fire the next queued trigger, if any."""
-        with self._ctl_lock:
-            part = self._triggers_fired
-            self._in_flight = False
-            s = self._s
-            if s is not None and self._triggers_requested > self._triggers_fired:
-                try:
-                    self._fire(s)
-                except CameraError as exc:
-                    log.warning("camera_trigger_failed", camera=self.camera_id, error=str(exc))
-            return part
+            try:
+                s.nodes.execute("TriggerSoftware")
+            except Exception as exc:
+                raise CameraError(
+                    f"camera {self.camera_id}: TriggerSoftware failed: {exc}"
+                ) from exc
 
     def close(self) -> None:
         with self._fetch_lock:
@@ -425,6 +398,11 @@ class GenicamSource:
         if self._producer is not None:
             with self._producer.lock:
                 self._producer.users.discard(self)
+
+    def node_access(self) -> HarvestersNodes | None:
+        """The live node map (calibration adjusts exposure through it while acquiring)."""
+        s = self._s
+        return s.nodes if s else None
 
     @property
     def acquirer(self) -> ImageAcquirer | None:

@@ -47,17 +47,26 @@ def _to_8bit(img: np.ndarray, bits: int) -> np.ndarray:
 
 
 def convert(
-    data: np.ndarray, width: int, height: int, pixel_format: str, output: Output
+    data: np.ndarray,
+    width: int,
+    height: int,
+    pixel_format: str,
+    output: Output,
+    *,
+    copy: bool = True,
 ) -> tuple[np.ndarray, str]:
-    """Convert one buffer's pixels; returns (owned contiguous uint8 image, "Mono8" | "BGR8").
+    """Convert one buffer's pixels; returns (contiguous uint8 image, "Mono8" | "BGR8").
 
-    ``data`` may be a view into a driver buffer (flat or shaped); the result never is.
+    ``data`` may be a view into a driver buffer (flat or shaped); the result never is, unless
+    ``copy=False`` says ``data`` is already ours (Aravis hands out a bytes copy), which saves
+    the one copy a Mono8-to-Mono8 frame would otherwise cost.
     """
     want_mono = output == "mono8"
     if pixel_format in _MONO_BITS:
         mono = _to_8bit(data.reshape(height, width), _MONO_BITS[pixel_format])
         if want_mono:
-            return (mono.copy() if mono.base is not None or mono is data else mono), "Mono8"
+            shared = mono.base is not None or mono is data
+            return (mono.copy() if shared and copy else mono), "Mono8"
         return cv2.cvtColor(mono, cv2.COLOR_GRAY2BGR), "BGR8"
     if pixel_format in _COLOUR:
         ch, to_bgr, to_gray = _COLOUR[pixel_format]

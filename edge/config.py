@@ -47,6 +47,8 @@ class StatusSettings(BaseModel):
     """Period of the heartbeat word; the PLC's watchdog should allow a few periods."""
     failsafe_alarm_hold_s: float = Field(default=5.0, ge=0)
     """FAILSAFE_ACTIVE stays set this long after the last fail-safe, so the PLC can see it."""
+    plc_startup_wait_s: float = Field(default=5.0, ge=0, le=300)
+    """At start, wait this long for the PLC connection before the cameras start."""
 
 
 class LineConfig(BaseModel):

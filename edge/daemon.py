@@ -29,13 +29,14 @@ from edge.decision import DecisionRules
 from edge.http import ObservabilityServer
 from edge.metrics import Metrics
 from edge.pipeline import ModelHolder, Pipeline
+from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
 from edge.systemd import Notifier
 from models.loader import load_detector
 from models.package import load_package
 from plc.config import ModbusSettings
 from plc.factory import create_link, simulated_settings
-from plc.record import Alarm, PlcLink, WriteOutcome
+from plc.record import Alarm, WriteOutcome
 from plc.sim import ModbusPlcSimulator
 from uplink.spool import Spool
 
@@ -74,7 +75,7 @@ class Daemon:
         self.notifier = Notifier()
         self.components: dict[str, ComponentState] = {}
         self.plc_sim: ModbusPlcSimulator | None = None
-        self.plc: PlcLink | None = None
+        self.plc: DeadlineOrderedLink | None = None
         self.spool: Spool | None = None
         self.pipeline: Pipeline | None = None
         self.http: ObservabilityServer | None = None
@@ -143,8 +144,9 @@ class Daemon:
             port = await loop.run_in_executor(None, self.plc_sim.start)
             plc_settings = simulated_settings(plc_settings, port)
             log.info("plc_simulator_started", host=plc_settings.host, port=port)
-        self.plc = create_link(plc_settings, camera_slots=n_slots)
+        self.plc = DeadlineOrderedLink(create_link(plc_settings, camera_slots=n_slots))
         await self.plc.start()
+        await self._wait_for_plc(cfg.status.plc_startup_wait_s)
 
         holder = await self._load_model()
 
@@ -176,6 +178,16 @@ class Daemon:
             )
             self.workers[cam.id] = worker
             worker.start()
+
+    async def _wait_for_plc(self, limit_s: float) -> None:
+        """Give the PLC a moment before frames flow; a PLC that stays away is an alarm, not a
+        reason to keep the line blind (its own watchdog rejects parts while we are absent)."""
+        assert self.plc is not None
+        end = time.monotonic() + limit_s
+        while not self.plc.connected and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        if not self.plc.connected:
+            log.error("plc_not_connected_at_start", waited_s=limit_s)
 
     async def _load_model(self) -> ModelHolder:
         """Load the model package; on failure the line runs on fail-safes until a reload works."""

@@ -125,6 +125,11 @@ class ModelHolder:
 
 
 class Pipeline:
+    """Owns the frames from admission to the PLC acknowledgement.
+
+    ``plc`` is the daemon's DeadlineOrderedLink (it orders requests and assigns sequence numbers).
+    """
+
     def __init__(
         self,
         settings: PipelineSettings,
@@ -156,7 +161,6 @@ class Pipeline:
         self._inflight: set[Job] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._seq: dict[int, int] = {}
         self._service_ns = 0.0
         """EWMA of one batch's service time, for admission control."""
         self._busy_since: dict[int, int] = {}
@@ -369,19 +373,17 @@ class Pipeline:
             job.guard.cancel()
         try:
             decided_ns = self._clock_ns()
-            seq = self._seq.get(job.slot, 0) + 1 & 0xFFFFFFFF
-            self._seq[job.slot] = seq
-            job.sequence = seq
             failsafe = verdict is Verdict.FAILSAFE_REJECT
             write_deadline = job.deadline_ns if failsafe else job.deadline_ns - self._reserve_ns
-            record = self._record(job, seq, verdict, reason, decided_ns, holder)
+            record = self._record(job, verdict, reason, decided_ns, holder)
             result = await self._write(record, write_deadline)
             if not failsafe and result.outcome in (WriteOutcome.FAILED, WriteOutcome.DROPPED_LATE):
                 # The real verdict did not reach the PLC and definitely was not applied: use the
-                # reserve for the fail-safe, same sequence number (the PLC never saw it).
+                # reserve for the fail-safe (it goes out under the same, unconsumed, sequence).
                 verdict, reason = Verdict.FAILSAFE_REJECT, FailsafeReason.PLC_RETRY
-                record = self._record(job, seq, verdict, reason, decided_ns, holder)
+                record = self._record(job, verdict, reason, decided_ns, holder)
                 result = await self._write(record, job.deadline_ns)
+            job.sequence = result.sequence or 0
             self._account(job, verdict, reason, decided_ns, result, holder)
         except Exception:  # noqa: BLE001 - accounting must never lose a frame
             log.exception("finish_failed", camera=job.frame.camera_id, frame=job.frame.frame_id)
@@ -399,7 +401,6 @@ class Pipeline:
     def _record(
         self,
         job: Job,
-        seq: int,
         verdict: Verdict,
         reason: FailsafeReason,
         decided_ns: int,
@@ -408,7 +409,7 @@ class Pipeline:
         deciding = job.decision.deciding if job.decision and verdict is Verdict.DEFECT else None
         return DecisionRecord(
             camera_index=job.slot,
-            sequence=seq,
+            sequence=0,  # assigned at send time by the link queue (edge.plcqueue)
             part_id=job.frame.part_id & 0xFFFFFFFF,
             verdict=verdict,
             defect_class=deciding.class_id + 1 if deciding else 0,

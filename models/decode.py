@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from models.package import NUM_MASK_COEFFS
+from models.config import ModelSettings
+from models.package import NUM_MASK_COEFFS, Manifest
 from models.preprocess import letterbox_params
 from models.types import Detection, ModelError, Prepared
 
@@ -45,6 +46,21 @@ class DecodeParams:
     max_det: int = 300
     outline_epsilon_px: float = 1.0
     """approxPolyDP tolerance floor; the effective tolerance is max(this, 1% of the perimeter)."""
+
+
+def params_for(settings: ModelSettings, manifest: Manifest) -> DecodeParams:
+    """Decode parameters of a runtime: config first, then the package's hints.
+
+    The candidate floor must not exceed any decision threshold of the package, or detections
+    the decision rules should see would be dropped before they get there.
+    """
+    conf = settings.conf_threshold
+    if conf is None:
+        hint = manifest.runtime_hints.get("conf_threshold")
+        t = manifest.thresholds
+        lowest = min([t.default, *t.per_class.values()])
+        conf = min(float(hint) if isinstance(hint, (int, float)) else 0.25, lowest)
+    return DecodeParams(conf=conf, iou=settings.iou_threshold, max_det=settings.max_det)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
@@ -312,6 +328,7 @@ __all__ = [
     "decode_image",
     "letterbox_params",
     "nms",
+    "params_for",
     "postprocess",
     "scale_boxes",
     "select",

@@ -19,7 +19,7 @@ log = structlog.get_logger(__name__)
 def _check_thresholds(package: ModelPackage, settings: ModelSettings) -> None:
     t = package.manifest.thresholds
     lowest = min([t.default, *t.per_class.values()])
-    if settings.conf_threshold > lowest:
+    if settings.conf_threshold is not None and settings.conf_threshold > lowest:
         log.warning(
             "conf_threshold_above_decision_threshold",
             conf_threshold=settings.conf_threshold,

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import structlog
 
 from models.config import ModelSettings
-from models.decode import DecodeParams, MaskMapper, postprocess
+from models.decode import MaskMapper, params_for, postprocess
 from models.package import ModelPackage, check_io_shapes
 from models.preprocess import PAD_VALUE, preprocess
 from models.types import Detection, ModelError, ModelInfo, ModelPackageError, Prepared
@@ -84,9 +84,7 @@ class OnnxDetector:
         self._fixed_batch: int | None = batch_dim if isinstance(batch_dim, int) else None
         self.max_batch = settings.max_batch
         self._classes = tuple(manifest.classes)
-        self._params = DecodeParams(
-            conf=settings.conf_threshold, iou=settings.iou_threshold, max_det=settings.max_det
-        )
+        self._params = params_for(settings, manifest)
         self._mapper = MaskMapper()
         self.providers: list[str] = session.get_providers()
         self.info: ModelInfo = package.info("onnxruntime")

@@ -36,7 +36,7 @@ import numpy as np
 import structlog
 
 from models.config import ModelSettings, TensorRTSettings
-from models.decode import DecodeParams, MaskMapper, postprocess
+from models.decode import MaskMapper, params_for, postprocess
 from models.package import ModelPackage, check_io_shapes
 from models.preprocess import PAD_VALUE, preprocess
 from models.types import Detection, ModelError, ModelInfo, Prepared
@@ -280,7 +280,14 @@ def build_engine(
                 onnx_path if weak else _convert_for_strong_typing(onnx_path, t, input_hw, Path(tmp))
             )
             builder = trt.Builder(logger)
-            network = builder.create_network(0)
+            flags = 0
+            if (
+                _trt_version(trt).split(".")[0].isdigit()
+                and int(_trt_version(trt).split(".")[0]) < 10
+            ):
+                # TensorRT 8.x (JetPack 5): explicit batch must be asked for.
+                flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+            network = builder.create_network(flags)
             parser = trt.OnnxParser(network, logger)
             if not parser.parse_from_file(str(source)):
                 errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -318,9 +325,15 @@ def build_engine(
             plan = builder.build_serialized_network(network, config)
             if plan is None:
                 raise ModelError(f"TensorRT failed to build an engine from {source} (see its log)")
-            engine_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(engine_path, bytes(plan))
-            _atomic_write(_sidecar(engine_path), json.dumps(meta or {}, indent=2).encode())
+            try:
+                engine_path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(engine_path, bytes(plan))
+                _atomic_write(_sidecar(engine_path), json.dumps(meta or {}, indent=2).encode())
+            except OSError as e:
+                raise ModelError(
+                    f"cannot write the engine to {engine_path} ({e}); set "
+                    "model.tensorrt.cache_dir (or engine_path) to a writable directory"
+                ) from e
     finally:
         ctx.pop()
         ctx.detach()
@@ -431,9 +444,7 @@ class TensorRTDetector:
             self._ctx.pop()
 
         self._classes = tuple(manifest.classes)
-        self._params = DecodeParams(
-            conf=settings.conf_threshold, iou=settings.iou_threshold, max_det=settings.max_det
-        )
+        self._params = params_for(settings, manifest)
         self._mapper = MaskMapper()
         self._closed = False
         self.engine_path = engine_path

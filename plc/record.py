@@ -90,6 +90,8 @@ class WriteResult:
     acked_ns: int | None = None
     """time.monotonic_ns() when the acknowledgement arrived."""
     detail: str = ""
+    sequence: int | None = None
+    """The sequence number the record went out with, when the sender assigned it."""
 
 
 @runtime_checkable

@@ -12,6 +12,7 @@ the connection on any timeout). The 3.x AsyncClient does real asyncio I/O, so no
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from snap7.async_client import AsyncClient
@@ -86,10 +87,8 @@ class S7Link(ReconnectingLink):
     async def _shut(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead peer may refuse even the goodbye
                 await client.disconnect()
-            except Exception:  # a dead peer may refuse even the goodbye
-                pass
 
     def _live(self, timeout_s: float) -> AsyncClient:
         client = self._client

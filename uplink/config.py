@@ -183,6 +183,8 @@ class UplinkSettings(BaseModel):
     image: ImageSettings = Field(default_factory=ImageSettings)
     queue_max: int = Field(default=20_000, ge=1)
     """Events awaiting the writer; beyond it submit() refuses (and counts), never blocks."""
+    image_writers: int = Field(default=4, ge=1, le=32)
+    """Threads that encode and fsync images in parallel (fsync latency, not CPU, is the limit)."""
     batch_max_events: int = Field(default=500, ge=1)
     batch_max_delay_ms: float = Field(default=50.0, ge=0)
     sent_retention_h: float = Field(default=24.0, ge=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import deque
 from typing import Any
@@ -20,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from uplink.config import UplinkSettings
 from uplink.kafka_sink import build_producer, send_batch
 from uplink.s3_sink import s3_client, upload
-from uplink.spool import SpooledImage, Spool
+from uplink.spool import FORWARDER_STATUS, Spool, SpooledImage, write_status
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,23 @@ class Forwarder:
             log.info("uplink forwarder has no kafka or s3 configured: data stays in the spool")
             await self._stop.wait()
             return
-        await asyncio.gather(*loops)
+        reporter = asyncio.create_task(self._report_loop())
+        try:
+            await asyncio.gather(*loops)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            await asyncio.to_thread(self._write_status)
+
+    def _write_status(self) -> None:
+        write_status(self.spool.dir / FORWARDER_STATUS,
+                     {"written_at": time.time(), "pid": os.getpid(), **self.stats()})
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.to_thread(self._write_status)
+            await asyncio.sleep(2.0)
 
     async def drain(self, timeout_s: float) -> bool:
         """Forward until nothing configured is left unsent, or timeout; True when drained."""
@@ -131,12 +148,23 @@ class Forwarder:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _until_stopped(self, aw: Any) -> tuple[bool, Any]:
-        """Await `aw` unless stop() comes first: (finished, result)."""
+    async def _until_stopped(
+        self, aw: Any, slow_s: float | None = None, on_slow: Any = None
+    ) -> tuple[bool, Any]:
+        """Await `aw` unless stop() comes first: (finished, result). `on_slow(waited_s)` is
+        called every `slow_s` while it is still pending (a stalled peer is reported, not hidden)."""
         task = asyncio.ensure_future(aw)
         stopper = asyncio.ensure_future(self._stop.wait())
+        started = time.monotonic()
         try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait(
+                    {task, stopper}, timeout=slow_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
+                if on_slow is not None:
+                    on_slow(time.monotonic() - started)
         finally:
             stopper.cancel()
         if task.done():
@@ -173,12 +201,15 @@ class Forwarder:
                         continue
                     self.kafka_up = True
                     log.info("uplink kafka producer connected", servers=cfg.bootstrap_servers)
-                rows = await asyncio.to_thread(self.spool.unsent_events, self.settings.forward_batch)
+                rows = await asyncio.to_thread(
+                    self.spool.unsent_events, self.settings.forward_batch
+                )
                 if not rows:
                     await self._pause(IDLE_POLL_S)
                     continue
                 done, result = await self._until_stopped(
-                    send_batch(producer, cfg.events_topic, rows)
+                    send_batch(producer, cfg.events_topic, rows),
+                    slow_s=cfg.request_timeout_ms / 1000.0, on_slow=self._kafka_stalled,
                 )
                 if not done:
                     break
@@ -202,6 +233,14 @@ class Forwarder:
         finally:
             await self._close_producer(producer)
             self.kafka_up = False
+
+    def _kafka_stalled(self, waited_s: float) -> None:
+        # The idempotent producer keeps retrying in order (that is what keeps each camera's
+        # order); we only make the outage visible and let it carry on.
+        self.kafka_up = False
+        self.event_errors += 1
+        self._fail("kafka send", f"no acknowledgement for {waited_s:.0f}s (broker unreachable?), "
+                                 "still retrying")
 
     async def _close_producer(self, producer: AIOKafkaProducer | None) -> None:
         # stop() flushes; with the broker down that never ends, and the spool still has the rows.

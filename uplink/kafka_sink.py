@@ -50,7 +50,8 @@ def producer_kwargs(cfg: KafkaSettings) -> dict[str, Any]:
         "security_protocol": cfg.security_protocol,
     }
     if cfg.tls is not None:
-        password = cfg.tls.key_password.resolve().get_secret_value() if cfg.tls.key_password else None
+        pw = cfg.tls.key_password
+        password = pw.resolve().get_secret_value() if pw is not None else None
         ctx = create_ssl_context(
             cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
             certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,

@@ -26,6 +26,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,8 @@ SPOOL_SCHEMA_VERSION = 1
 DB_NAME = "spool.db"
 IMAGES_DIR = "images"
 QUARANTINE_DIR = "quarantine"
+SPOOL_STATUS = "spool.status.json"
+FORWARDER_STATUS = "forwarder.status.json"
 
 EVICTION_CLASSES = ("ok_images", "sent", "unsent_ok", "defect")
 
@@ -209,6 +212,7 @@ class Spool:
         self._quarantined: list[str] = []
         self._last_housekeeping = 0.0
         self._writer_mode = True
+        self._images = ThreadPoolExecutor(settings.image_writers, "uplink-image")
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -282,6 +286,8 @@ class Spool:
                 log.error("uplink spool writer did not stop in time", timeout_s=timeout_s,
                           pending=self._queue.qsize())
             self._writer = None
+        self._images.shutdown(wait=True)
+        self._images = ThreadPoolExecutor(self.settings.image_writers, "uplink-image")
         with self._rlock:
             for conn in (self._wconn, self._rconn):
                 if conn is not None:
@@ -315,6 +321,11 @@ class Spool:
         with self._count_lock:
             target = self._submitted
             return self._count_lock.wait_for(lambda: self._done >= target, timeout_s)
+
+    @property
+    def pending(self) -> int:
+        """Events accepted but not yet committed (cheap: no SQL; fine for a per-frame gauge)."""
+        return self._queue.qsize() + self._in_batch
 
     @property
     def healthy(self) -> bool:
@@ -467,7 +478,29 @@ class Spool:
             self._done += n
             self._count_lock.notify_all()
 
-    def _prepare(self, event: PartEvent, image: np.ndarray | None, now: float) -> dict[str, Any]:
+    def _wants_image(self, event: PartEvent, image: np.ndarray | None) -> bool:
+        if image is None:
+            return False
+        return event.verdict != "OK" or keep_ok_image(
+            event.line, event.camera, event.part_id, self.settings.ok_image_sample_rate
+        )
+
+    def _store_image(self, event: PartEvent, image: np.ndarray) -> tuple[str, int] | None:
+        """Encode and write one image durably (runs in the image pool: encode and fsync release
+        the GIL, so several images of a batch overlap their fsyncs)."""
+        try:
+            data = self._encode(image)
+            name = f"{_safe(event.event_id)}.{self.settings.image.extension}"
+            _write_atomic(self.images_dir / name, data)
+        except (OSError, ValueError, cv2.error) as exc:
+            with self._count_lock:
+                self._image_errors += 1
+            self._error(f"image of event {event.event_id} not stored: {exc}")
+            return None
+        return name, len(data)
+
+    def _prepare(self, event: PartEvent, stored: tuple[str, int] | None, now: float
+                 ) -> dict[str, Any]:
         defect = event.verdict != "OK"
         row: dict[str, Any] = {
             "event_id": event.event_id, "line": event.line, "camera": event.camera,
@@ -476,28 +509,16 @@ class Spool:
             "sent_at": None, "image_state": "none", "image_kind": None, "image_file": None,
             "image_key": None, "image_bytes": 0, "image_sent_at": None,
         }
-        keep = image is not None and (
-            defect or keep_ok_image(event.line, event.camera, event.part_id,
-                                    self.settings.ok_image_sample_rate)
-        )
-        if keep and image is not None:
-            img = self.settings.image
-            try:
-                data = self._encode(image)
-                name = f"{_safe(event.event_id)}.{img.extension}"
-                _write_atomic(self.images_dir / name, data)
-            except (OSError, ValueError, cv2.error) as exc:
-                with self._count_lock:
-                    self._image_errors += 1
-                self._error(f"image of event {event.event_id} not stored: {exc}")
-            else:
-                key = object_key(
-                    self.settings.s3.key_prefix if self.settings.s3 else "",
-                    event.line, event.camera, event.event_id, event.captured_at, img.extension,
-                )
-                event.image_ref = key
-                row.update(image_state="pending", image_kind="defect" if defect else "ok_sample",
-                           image_file=name, image_key=key, image_bytes=len(data))
+        if stored is not None:
+            name, size = stored
+            key = object_key(
+                self.settings.s3.key_prefix if self.settings.s3 else "",
+                event.line, event.camera, event.event_id, event.captured_at,
+                self.settings.image.extension,
+            )
+            event.image_ref = key
+            row.update(image_state="pending", image_kind="defect" if defect else "ok_sample",
+                       image_file=name, image_key=key, image_bytes=size)
         try:
             row["payload"] = event.to_json()
         except (TypeError, ValueError):
@@ -528,9 +549,15 @@ class Spool:
     def _write_batch(self, batch: list[tuple[PartEvent, np.ndarray | None]]) -> None:
         now = time.time()
         rows: list[dict[str, Any]] = []
-        for event, image in batch:
+        jobs = {
+            i: self._images.submit(self._store_image, ev, img)
+            for i, (ev, img) in enumerate(batch)
+            if img is not None and self._wants_image(ev, img)
+        }
+        for i, (event, _image) in enumerate(batch):
+            stored = jobs[i].result() if i in jobs else None
             try:
-                rows.append(self._prepare(event, image, now))
+                rows.append(self._prepare(event, stored, now))
             except (TypeError, ValueError) as exc:
                 self._error(f"event {getattr(event, 'event_id', '?')} is malformed, dropped: {exc}")
         if any(r["image_file"] for r in rows):
@@ -701,11 +728,24 @@ class Spool:
                 self._wconn.execute("PRAGMA incremental_vacuum")
             self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._enforce_quota()
+            self._write_status_file()
         except sqlite3.DatabaseError as exc:
             if _is_corruption(exc):
                 self._recover_from_corruption(str(exc), [])
             else:
                 self._error(f"spool housekeeping failed: {exc}")
+
+    def _write_status_file(self) -> None:
+        """What another process (`edge uplink status`) cannot read from the database."""
+        with self._count_lock:
+            doc = {
+                "written_at": time.time(), "pid": os.getpid(), "line": self.line,
+                "healthy": self.healthy, "submitted": self._submitted,
+                "committed": self._committed, "refused": self._refused,
+                "image_errors": self._image_errors, "last_error": self._last_error,
+                "last_error_at": self._last_error_at, "quarantined": self._quarantined,
+            }
+        write_status(self.dir / SPOOL_STATUS, doc)
 
     # ------------------------------------------------------------------ forwarder side (blocking)
     def unsent_events(self, limit: int) -> list[SpooledEvent]:
@@ -785,6 +825,25 @@ class Spool:
             "evicted": {c: int(counters.get(f"evicted_{c}", 0)) for c in EVICTION_CLASSES},
         }
 
+    def rates(self, window_s: float = 60.0) -> dict[str, float]:
+        """Spooled / sent per second over the last window, from the database (any process)."""
+        since = time.time() - window_s
+        with self._reader() as conn:
+            spooled = conn.execute(
+                "SELECT COUNT(*) FROM events WHERE spooled_at > ?", (since,)
+            ).fetchone()[0]
+            sent = conn.execute(
+                "SELECT COUNT(*) FROM events WHERE sent_at > ?", (since,)
+            ).fetchone()[0]
+            images = conn.execute(
+                "SELECT COUNT(*) FROM events WHERE image_sent_at > ?", (since,)
+            ).fetchone()[0]
+        return {
+            "spooled_per_s": round(spooled / window_s, 2),
+            "sent_per_s": round(sent / window_s, 2),
+            "images_sent_per_s": round(images / window_s, 3),
+        }
+
     def alarms(self, stats: dict[str, Any] | None = None) -> list[str]:
         """Reasons to raise the uplink alarm (health, metrics, PLC), empty when all is well."""
         s = stats if stats is not None else self.stats()
@@ -804,7 +863,7 @@ class Spool:
     def stats(self) -> dict[str, Any]:
         with self._count_lock:
             counts = {
-                "pending": self._queue.qsize() + self._in_batch,
+                "pending": self.pending,
                 "submitted": self._submitted,
                 "committed": self._committed,
                 "refused": self._refused,
@@ -838,6 +897,24 @@ class Spool:
         )
         out["alarms"] = self.alarms(out)
         return out
+
+
+def write_status(path: Path, doc: dict[str, Any]) -> None:
+    """Small JSON status beside the spool, replaced atomically (no fsync: it is advisory)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("uplink status file not written", path=str(path), error=str(exc))
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc
 
 
 def read_payload(payload: str) -> dict[str, Any]:

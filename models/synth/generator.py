@@ -45,6 +45,8 @@ class SynthSample:
     """bool HxW mask per defect (several polygons of one mask share its class)."""
     mask_classes: list[int]
     material: str
+    instance_mask: list[int] = field(default_factory=list)
+    """Index into ``masks`` of each instance (a clipped defect may give several polygons)."""
     meta: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -70,6 +72,7 @@ def generate_sample(seed: int, index: int, cfg: SynthConfig | None = None) -> Sy
     masks: list[np.ndarray] = []
     classes: list[int] = []
     instances: list[Instance] = []
+    owner: list[int] = []
     for _ in range(n_defects):
         cls = int(rng.choice(len(CLASSES), p=weights))
         mask = PAINTERS[CLASSES[cls]](rng, img, allowed, scale)
@@ -81,6 +84,7 @@ def generate_sample(seed: int, index: int, cfg: SynthConfig | None = None) -> Sy
         masks.append(mask)
         classes.append(cls)
         instances.extend(Instance(cls, p) for p in polys)
+        owner.extend([len(masks) - 1] * len(polys))
     out = finish(rng, img)
-    return SynthSample(out, instances, masks, classes, material, {"seed": seed, "index": index})
+    return SynthSample(out, instances, masks, classes, material, owner, {"seed": seed, "index": index})
 

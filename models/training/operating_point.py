@@ -79,7 +79,10 @@ def choose_threshold(
     need = math.ceil(recall_target * n_pos - 1e-9)
     met = len(detectable) >= need
     if not detectable.size:
-        raise ValueError("no defect image has any detection: the model finds nothing")
+        # The model finds nothing above the floor: no threshold helps; report recall 0.
+        nothing = confusion_at(s, y, 1.0)
+        return OperatingPoint(1.0, nothing.precision, nothing.recall, nothing.tp, nothing.fp,
+                              nothing.fn, nothing.tn, recall_target, False)
     # Highest threshold that still reaches the target (or the most recall we can get).
     limit = detectable[need - 1] if met else detectable[-1]
     candidates = np.unique(s[(s > max(floor, 0.0)) & (s <= limit)])[::-1]

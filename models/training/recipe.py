@@ -37,7 +37,9 @@ class TrainRecipe(BaseModel):
     flipud: float = Field(0.5, ge=0, le=1)
     """Surfaces have no up: vertical flips are free data."""
     close_mosaic: int = Field(10, ge=0)
+    warmup_epochs: float = Field(3.0, ge=0)
     val: bool = True
+    """Validate every epoch. Off: only the final model is validated (CPU time goes to training)."""
     plots: bool = False
     project: Path = Path("var/runs")
     name: str = "train"
@@ -59,6 +61,7 @@ class TrainRecipe(BaseModel):
             "cache": "ram" if self.cache else False,
             "flipud": self.flipud,
             "close_mosaic": self.close_mosaic,
+            "warmup_epochs": self.warmup_epochs,
             "val": self.val,
             "plots": self.plots,
             "amp": False,

@@ -40,20 +40,25 @@ def train(recipe: TrainRecipe, on_epoch: EpochCallback | None = None) -> TrainRe
     arch_dir = (recipe.project / recipe.name).resolve()
     source: Path = recipe.weights if recipe.weights else write_arch_yaml(arch_dir, len(names), recipe.scale)
     model = ultra_env.yolo(source)
-    done = {"epochs": 0}
+    done = {"epochs": 0, "reported": 0}
+
+    def _trained_one(trainer: Any) -> None:
+        done["epochs"] += 1
 
     def _epoch_end(trainer: Any) -> None:
-        epoch = int(trainer.epoch) + 1
-        if epoch <= done["epochs"]:
-            return  # ultralytics fires this once more for the final validation of best.pt
-        done["epochs"] = epoch
+        # ultralytics fires this once more after training, for the final validation of best.pt:
+        # only epochs that were trained are reported.
+        if done["reported"] >= done["epochs"]:
+            return
+        done["reported"] = done["epochs"]
         if on_epoch is not None:
             metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
             loss = trainer.tloss
             if isinstance(loss, dict) and loss:
                 metrics["train/loss"] = float(sum(float(v) for v in loss.values()))
-            on_epoch(done["epochs"], int(trainer.epochs), metrics)
+            on_epoch(done["epochs"], max(int(trainer.epochs), done["epochs"]), metrics)
 
+    model.add_callback("on_train_epoch_end", _trained_one)
     model.add_callback("on_fit_epoch_end", _epoch_end)
     kwargs = recipe.train_kwargs()
     log.info("train.start", data=str(recipe.data), scale=recipe.scale, epochs=recipe.epochs,

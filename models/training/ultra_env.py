@@ -26,6 +26,13 @@ def _font_source() -> Path:
     return src
 
 
+def _install_fonts(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if not (folder / name).exists():
+            shutil.copyfile(_font_source(), folder / name)
+
+
 def prepare(config_dir: Path | None = None, threads: int | None = None) -> ModuleType:
     """Configure the environment, import ultralytics and return it.
 
@@ -39,16 +46,15 @@ def prepare(config_dir: Path | None = None, threads: int | None = None) -> Modul
     os.environ.setdefault("YOLO_VERBOSE", "false")
     n = threads or os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
-    fonts = cfg / "Ultralytics"
-    fonts.mkdir(parents=True, exist_ok=True)
-    src = _font_source()
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        if not (fonts / name).exists():
-            shutil.copyfile(src, fonts / name)
+    _install_fonts(cfg / "Ultralytics")
 
     import torch
     import ultralytics
-    from ultralytics.utils import SETTINGS, torch_utils
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR, torch_utils
+
+    # ultralytics fixes its config dir at first import: if someone imported it earlier with
+    # another YOLO_CONFIG_DIR, the fonts must be where *that* import looks.
+    _install_fonts(Path(USER_CONFIG_DIR))
 
     if _prepared is None:
         SETTINGS.update({

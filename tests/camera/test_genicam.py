@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ class Rec:
         with self.lock:
             self.states.append((state, reason))
 
+    def has(self, n: int) -> bool:
+        return self.count() == n
+
     def count(self) -> int:
         with self.lock:
             return len(self.frames)
@@ -75,7 +79,7 @@ def test_software_trigger_n_times_gives_exactly_n_parts() -> None:
         n = 25
         for i in range(n):
             assert w.trigger()
-            wait_until(lambda k=i + 1: rec.count() == k, 5, f"frame for trigger {i + 1}")
+            wait_until(partial(rec.has, i + 1), 5, f"frame for trigger {i + 1}")
         idle = w.stats()["idle_reads"]
         wait_until(lambda: w.stats()["idle_reads"] >= idle + 5, 10, "idle reads with no trigger")
         assert rec.count() == n  # no frame without a trigger

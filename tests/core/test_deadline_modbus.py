@@ -21,6 +21,7 @@ from camera.frame import Frame
 from edge.decision import DecisionRules, DecisionSettings
 from edge.metrics import Metrics
 from edge.pipeline import ModelHolder, Pipeline, PipelineSettings
+from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
 from models.config import ModelSettings
 from models.loader import load_detector
@@ -29,6 +30,7 @@ from plc.config import ModbusSettings
 from plc.modbus import ModbusLink
 from plc.record import FailsafeReason, Verdict
 from tests.core.conftest import DEMO_SAMPLES, PlcProcess, mbpoll_record
+from tests.support import wait_until
 
 BUDGET_MS = 348.0
 
@@ -89,8 +91,9 @@ def frame(camera: str, i: int, image: np.ndarray) -> Frame:
 
 async def make_pipeline(
     plc: PlcProcess, det: Detector, **kw: object
-) -> tuple[Pipeline, ModbusLink]:
-    link = ModbusLink(ModbusSettings(port=plc.port), camera_slots=4)
+) -> tuple[Pipeline, DeadlineOrderedLink]:
+    """The pipeline as the daemon wires it: real Modbus link behind the EDF request queue."""
+    link = DeadlineOrderedLink(ModbusLink(ModbusSettings(port=plc.port), camera_slots=4))
     await link.start()
     for _ in range(200):
         if link.connected:
@@ -167,6 +170,7 @@ async def test_healthy_model_writes_real_verdicts(
     await p.close()
     await link.close()
     assert p.stats.failsafes == {} and p.stats.deadline_misses == 0
+    wait_until(lambda: len(plc.records) >= len(images), 5, "the server's record log")
     verdicts = [v for (_cam, _seq, _part, v) in plc.records]
     assert len(verdicts) == len(images)
     assert set(verdicts) <= {int(Verdict.OK), int(Verdict.DEFECT)}
@@ -193,6 +197,7 @@ async def test_overload_one_decision_per_frame_all_in_time(
     await p.close()
     await link.close()
     n = sum(sent.values())
+    wait_until(lambda: len(plc.records) >= n, 5, "the server's record log")
     # The server's own log: exactly one record per frame, per camera in sequence order.
     per_cam = collections.defaultdict(list)
     for cam, seq, part, verdict in plc.records:
@@ -208,5 +213,7 @@ async def test_overload_one_decision_per_frame_all_in_time(
     assert s["end_to_end_ms"]["max"] < BUDGET_MS
     assert s["verdicts"].get("FAILSAFE_REJECT", 0) > 0, "overload must show as fail-safes"
     assert s["verdicts"].get("OK", 0) + s["verdicts"].get("DEFECT", 0) > 0
-    assert set(s["failsafes"]) <= {"overload", "queue_full", "queue_wait", "inference_timeout"}
+    assert set(s["failsafes"]) <= {
+        "overload", "queue_full", "queue_wait", "inference_timeout", "plc_retry"
+    }
 

@@ -8,6 +8,7 @@ import collections
 from edge.decision import DecisionRules, DecisionSettings
 from edge.metrics import Metrics
 from edge.pipeline import ModelHolder, Pipeline, PipelineSettings
+from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
 from plc.record import FailsafeReason, Verdict, WriteOutcome
 from tests.core.fakes import FakeDetector, FakeLink, make_frame
@@ -15,11 +16,13 @@ from tests.core.fakes import FakeDetector, FakeLink, make_frame
 BUDGET_MS = 120.0
 
 
-def build(det: FakeDetector | None, link: FakeLink, **kw: object) -> Pipeline:
+async def build(det: FakeDetector | None, link: FakeLink, **kw: object) -> Pipeline:
     settings = PipelineSettings(budget_ms=BUDGET_MS, failsafe_reserve_ms=20, **kw)  # type: ignore[arg-type]
     rules = DecisionRules(DecisionSettings(), det.info.classes) if det else None
+    edf = DeadlineOrderedLink(link)  # type: ignore[arg-type]
+    await edf.start()
     p = Pipeline(
-        settings, "L1", ModelHolder(det, rules, 7), link, None, Metrics(), RunStats(),
+        settings, "L1", ModelHolder(det, rules, 7), edf, None, Metrics(), RunStats(),
         {"cam0": 0, "cam1": 1},
     )
     p.start()
@@ -38,7 +41,7 @@ def assert_invariant(link: FakeLink, n_frames: int) -> None:
 
 async def test_fast_model_gives_real_verdicts() -> None:
     det, link = FakeDetector(), FakeLink()
-    p = build(det, link)
+    p = await build(det, link)
     for i in range(20):
         p.submit(make_frame("cam0" if i % 2 else "cam1", i))
     assert await p.drain()
@@ -54,7 +57,7 @@ async def test_fast_model_gives_real_verdicts() -> None:
 
 async def test_slow_model_gets_failsafe_before_deadline_and_late_result_is_dropped() -> None:
     det, link = FakeDetector(delay_s=BUDGET_MS / 1000 * 1.5), FakeLink()
-    p = build(det, link)
+    p = await build(det, link)
     p.submit(make_frame("cam0", 1))
     assert await p.drain()
     # The real verdict arrives after the fail-safe: it must be counted and never written.
@@ -70,7 +73,7 @@ async def test_slow_model_gets_failsafe_before_deadline_and_late_result_is_dropp
 async def test_raising_model_gives_failsafe_then_model_down() -> None:
     det, link = FakeDetector(), FakeLink()
     det.fail = True
-    p = build(det, link, model_error_threshold=2)
+    p = await build(det, link, model_error_threshold=2)
     for i in range(2):
         p.submit(make_frame("cam0", i))
         await p.drain()
@@ -86,7 +89,7 @@ async def test_raising_model_gives_failsafe_then_model_down() -> None:
 
 async def test_overload_decides_every_frame_once_and_in_time() -> None:
     det, link = FakeDetector(delay_s=0.02), FakeLink()
-    p = build(det, link, queue_size=8, max_batch=1)
+    p = await build(det, link, queue_size=8, max_batch=1)
     for i in range(120):  # ~6x what the model can do within one budget
         p.submit(make_frame(f"cam{i % 2}", i))
         if i % 10 == 0:
@@ -102,7 +105,7 @@ async def test_overload_decides_every_frame_once_and_in_time() -> None:
 
 async def test_failed_plc_write_is_replaced_by_failsafe_with_same_sequence() -> None:
     det, link = FakeDetector(), FakeLink(fail_next=1)
-    p = build(det, link)
+    p = await build(det, link)
     p.submit(make_frame("cam0", 5))
     assert await p.drain()
     await p.close()
@@ -116,7 +119,7 @@ async def test_failed_plc_write_is_replaced_by_failsafe_with_same_sequence() -> 
 
 async def test_frame_arriving_too_late_is_failsafed_at_once() -> None:
     det, link = FakeDetector(), FakeLink()
-    p = build(det, link)
+    p = await build(det, link)
     p.submit(make_frame("cam0", 1, age_ms=BUDGET_MS - 5))
     assert await p.drain()
     await p.close()
@@ -128,7 +131,7 @@ async def test_frame_arriving_too_late_is_failsafed_at_once() -> None:
 async def test_hung_model_every_frame_failsafed() -> None:
     det, link = FakeDetector(), FakeLink()
     det.hang.set()
-    p = build(det, link, queue_size=4)
+    p = await build(det, link, queue_size=4)
     for i in range(10):
         p.submit(make_frame("cam0", i))
         await asyncio.sleep(0.01)

@@ -86,7 +86,8 @@ def synthetic_images() -> Callable[[list[tuple[int, int]], int], list[np.ndarray
     def make(shapes: list[tuple[int, int]], seed: int = 7) -> list[np.ndarray]:
         out = []
         for i, (h, w) in enumerate(shapes):
-            s = generate_sample(seed, i, SynthConfig(width=w, height=h, defect_fraction=1.0))
+            cfg = SynthConfig.model_validate({"width": w, "height": h, "defect_fraction": 1.0})
+            s = generate_sample(seed, i, cfg)
             out.append(cv2.cvtColor(s.image, cv2.COLOR_GRAY2BGR))
         return out
 

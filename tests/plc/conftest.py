@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from plc.config import ModbusSettings
 from plc.sim import ModbusPlcSimulator
-from tests.support import free_port, port_open, spawned, stop_pid
+from tests.support import free_port, port_open, spawned, stop_pid, wait_until
 
 PEERS = Path(__file__).parent / "peers"
 
@@ -91,8 +93,6 @@ def pymodbustcp_server(tmp_path: Path) -> Iterator[Peer]:
         start_new_session=True,
     )
     try:
-        from tests.support import wait_until
-
         wait_until(lambda: port_open(port), 20, "pyModbusTCP server")
         yield Peer(port, proc)
     finally:
@@ -152,7 +152,10 @@ class S7Peer:
         self.port, self.db_number, self.python = port, db_number, python
         self.proc: subprocess.Popen[str] = subprocess.Popen(
             [python, str(PEERS / "s7_server.py"), str(port), str(db_number), str(size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
             start_new_session=True,
         )
         assert self.proc.stdout is not None
@@ -176,6 +179,11 @@ class S7Peer:
     def stop(self) -> None:
         stop_pid(self.proc)  # type: ignore[arg-type]
 
+    def kill(self) -> None:
+        """Power cut: SIGKILL, nothing flushed or closed politely."""
+        self.proc.kill()
+        self.proc.wait(10)
+
 
 def s7_python(kind: str) -> str:
     if kind == "python":
@@ -197,3 +205,63 @@ def s7_server(request: pytest.FixtureRequest) -> Iterator[S7Peer]:
     peer = S7Peer(s7_python(request.param), free_port())
     yield peer
     peer.stop()
+
+
+class OpcUaPeer:
+    """asyncua server process with the documented address space and a stdin side channel."""
+
+    def __init__(self, port: int, slots: int = 4) -> None:
+        self.port = port
+        self.endpoint = f"opc.tcp://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
+            [sys.executable, str(PEERS / "opcua_server.py"), str(port), str(slots)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("READY"):
+            stop_pid(self.proc)  # type: ignore[arg-type]
+            raise RuntimeError(f"OPC UA server did not start: {line!r}")
+
+    def _ask(self, line: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def get(self, node: str) -> int:
+        return int(self._ask(f"get Inspection.{node}"))
+
+    def set(self, node: str, value: int) -> None:
+        assert self._ask(f"set Inspection.{node} {value}") == "OK"
+
+    def stop(self) -> None:
+        stop_pid(self.proc)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def opcua_server() -> Iterator[OpcUaPeer]:
+    peer = OpcUaPeer(free_port())
+    yield peer
+    peer.stop()
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def hang(pid: int) -> None:
+    """SIGSTOP a peer we started and wait until the kernel has really stopped it (kill() returns
+    before the target stops, and a request may still be served in between)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: _state(pid) == "T", 5, f"pid {pid} to stop")

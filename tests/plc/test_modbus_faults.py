@@ -24,7 +24,7 @@ from plc.config import ModbusSettings
 from plc.modbus import ModbusLink
 from plc.record import DecisionRecord, Verdict, WriteOutcome, WriteResult
 from plc.sim import ModbusPlcSimulator
-from tests.plc.conftest import Peer, mbpoll_read
+from tests.plc.conftest import Peer, hang, mbpoll_read
 from tests.support import free_port, port_open, stop_pid, wait_until
 
 MS = 1_000_000
@@ -162,7 +162,7 @@ async def test_hung_server_each_write_gives_up_in_budget_and_loop_stays_free(
         assert (
             await link.write_decision(rec(1), time.monotonic_ns() + 200 * MS)
         ).outcome is WriteOutcome.ACKED
-        os.kill(sim_process.proc.pid, signal.SIGSTOP)
+        hang(sim_process.proc.pid)
         for seq in range(2, 12):
             dl = time.monotonic_ns() + int(BUDGET_MS * MS)
             res = await link.write_decision(rec(seq), dl)
@@ -222,7 +222,7 @@ async def test_unknown_write_that_never_landed_is_confirmed_not_applied(
     await link.start()
     assert await link.wait_connected(5)
     try:
-        os.kill(procs[0].pid, signal.SIGSTOP)
+        hang(procs[0].pid)
         r = await link.write_decision(rec(1), time.monotonic_ns() + 20 * MS)
         assert r.outcome is WriteOutcome.UNKNOWN
         procs[0].kill()  # the hung PLC is power-cycled: the pending request dies with it

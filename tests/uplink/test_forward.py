@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from minio import Minio
 
 from tests.uplink.conftest import BUCKET, S3_KEY, S3_SECRET, Peer
 from tests.uplink.helpers import make_event, make_image
 from uplink.config import UplinkSettings
+from uplink.event import PartEvent
 from uplink.forwarder import Forwarder
 from uplink.spool import Spool
 
@@ -62,14 +63,11 @@ async def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> Non
 
 async def consume_all(port: int, expect: int, timeout_s: float = 30.0) -> list[Any]:
     """Read the whole topic from offset 0 with a plain consumer (no group)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=f"127.0.0.1:{port}", enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(TOPIC, bootstrap_servers=f"127.0.0.1:{port}",
+                                enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     got: list[Any] = []
     try:
-        parts = await consumer.partitions_for_topic(TOPIC) or set()
-        consumer.assign([TopicPartition(TOPIC, p) for p in sorted(parts)])
-        await consumer.seek_to_beginning()
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             batch = await consumer.getmany(timeout_ms=500)
@@ -115,8 +113,10 @@ async def test_broker_outage_delivers_every_event_in_camera_order(
         assert (await asyncio.to_thread(backlog, spool))["unsent_events"] >= 300
         await asyncio.to_thread(kafka.start)
         submit(300)
-        await wait_for(lambda: spool.backlog()["unsent_events"] == 0 and len(sent) == 900, 60,
+        assert await asyncio.to_thread(spool.flush, 10)
+        await wait_for(lambda: spool.backlog()["unsent_events"] == 0, 60,
                        "backlog drained after the broker came back")
+        assert spool.stats()["committed"] == 900
     finally:
         fwd.stop()
         await task
@@ -144,7 +144,7 @@ async def test_s3_outage_delivers_every_image(tmp_path: Path, s3: Peer) -> None:
     spool.open()
     fwd = Forwarder(spool)
     task = asyncio.create_task(fwd.run())
-    events = []
+    events: list[PartEvent] = []
 
     def submit(n: int) -> None:
         for _ in range(n):
@@ -161,6 +161,7 @@ async def test_s3_outage_delivers_every_image(tmp_path: Path, s3: Peer) -> None:
         await wait_for(lambda: fwd.image_errors > 0, 30, "forwarder noticing the S3 outage")
         assert spool.backlog()["unsent_images"] > 0
         await asyncio.to_thread(s3.start)
+        assert await asyncio.to_thread(spool.flush, 10)
         await wait_for(lambda: spool.backlog()["unsent_images"] == 0, 60, "images drained")
     finally:
         fwd.stop()

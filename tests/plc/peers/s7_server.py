@@ -23,22 +23,23 @@ native = snap7.__version__.startswith(("1.", "2."))
 server = Server(log=False)
 if native:
     mem = (ctypes.c_ubyte * size)()  # Snap7 reads and writes this buffer in place
-    server.register_area(SrvArea.DB, db_number, mem)
+    server.register_area(SrvArea.DB, db_number, mem)  # type: ignore[arg-type]
 
     def dump(off: int, n: int) -> bytes:
-        return bytes(mem[off:off + n])
+        return bytes(mem[off : off + n])
 
     def put(off: int, data: bytes) -> None:
-        mem[off:off + len(data)] = list(data)
+        mem[off : off + len(data)] = list(data)
 else:
     db = bytearray(size)
     server.register_area(SrvArea.DB, db_number, db)
 
     def dump(off: int, n: int) -> bytes:
-        return bytes(db[off:off + n])
+        return bytes(db[off : off + n])
 
     def put(off: int, data: bytes) -> None:
-        db[off:off + len(data)] = data
+        db[off : off + len(data)] = data
+
 
 server.start_to("127.0.0.1", tcp_port=port)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -1,0 +1,208 @@
+"""Aravis scenarios run INSIDE a private network namespace (see test_aravis.py).
+
+``unshare -n`` gives this process a network stack of its own with only ``lo``: the fake GigE
+Vision camera listens on 127.0.0.1 there, and nothing this process sends (GVCP, GVSP) can reach
+a real network. Each scenario prints one JSON line with what it observed; the test asserts.
+
+    unshare -n sh -c 'ip link set lo up && python -m tests.camera.aravis_scenarios wrap'
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from camera.aravis import AravisSource
+from camera.config import AravisCameraSettings
+from camera.frame import Frame
+from camera.source import CameraError
+from camera.worker import CameraWorker
+from tests.support import spawned, wait_until
+
+FAKE = shutil.which("arv-fake-gv-camera-0.8") or "/usr/bin/arv-fake-gv-camera-0.8"
+GVCP_PORT_HEX = f"{3956:04X}"
+
+
+def gvcp_listening() -> bool:
+    """The fake camera bound UDP 3956 (read from /proc: a probe packet is not needed)."""
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        local = line.split()[1]
+        if local.endswith(":" + GVCP_PORT_HEX):
+            return True
+    return False
+
+
+@contextmanager
+def fake_camera(log: Path) -> Iterator[Any]:
+    with spawned([FAKE, "-i", "127.0.0.1"], ready=gvcp_listening, what="arv-fake-gv-camera",
+                 log=log) as proc:
+        yield proc
+
+
+def settings(**kw: Any) -> AravisCameraSettings:
+    base: dict[str, Any] = {"type": "aravis", "id": "gige", "plc_slot": 0,
+                            "address": "127.0.0.1", "nodes": {"width": 64, "height": 48}}
+    base.update(kw)
+    return AravisCameraSettings.model_validate(base)
+
+
+class Rec:
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.states: list[tuple[str, str | None, float]] = []
+        self.lock = threading.Lock()
+
+    def on_frame(self, f: Frame) -> None:
+        with self.lock:
+            self.frames.append(f)
+
+    def on_state(self, _c: str, state: str, reason: str | None) -> None:
+        with self.lock:
+            self.states.append((state, reason, time.monotonic()))
+
+    def n(self) -> int:
+        with self.lock:
+            return len(self.frames)
+
+
+def run_worker(s: AravisCameraSettings, until: Callable[[Rec, CameraWorker], bool],
+               timeout_s: float, src: AravisSource | None = None) -> tuple[Rec, CameraWorker]:
+    rec = Rec()
+    w = CameraWorker.from_settings(s, on_frame=rec.on_frame, on_state=rec.on_state, source=src)
+    w.start()
+    try:
+        wait_until(lambda: until(rec, w), timeout_s, "scenario condition")
+    finally:
+        w.stop(5)
+    return rec, w
+
+
+def scenario_wrap(tmp: Path) -> dict[str, Any]:
+    """The fake camera's 16-bit block id starts near 65400 and wraps 65535 -> 1."""
+    with fake_camera(tmp / "fake.log"):
+        def wrapped(r: Rec, _w: CameraWorker) -> bool:
+            with r.lock:
+                raws = [f.source_meta["raw_frame_id"] for f in r.frames]
+            return any(b < a for a, b in zip(raws, raws[1:], strict=False)) and len(raws) > 200
+        rec, w = run_worker(settings(trigger={"mode": "free_run", "fps": 400.0}), wrapped, 30)
+    return {
+        "raw": [f.source_meta["raw_frame_id"] for f in rec.frames],
+        "ids": [f.frame_id for f in rec.frames],
+        "missed": w.stats()["missed"],
+    }
+
+
+def scenario_rate(tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with fake_camera(tmp / "fake.log"):
+        for fps in (25.0, 100.0):
+            rec, _w = run_worker(
+                settings(trigger={"mode": "free_run", "fps": fps}),
+                lambda r, _w: r.n() >= 2 and r.frames[-1].captured_ns - r.frames[1].captured_ns
+                > 2e9, 20)
+            fr = rec.frames[1:]
+            span = (fr[-1].captured_ns - fr[0].captured_ns) / 1e9
+            out[str(fps)] = {"fps": (len(fr) - 1) / span,
+                             "applied": None}
+        src = AravisSource(settings(trigger={"mode": "free_run", "fps": 100.0}))
+        src.open()
+        assert src.node_report is not None
+        out["applied"] = src.node_report.applied
+        src.close()
+    return out
+
+
+def scenario_packet(tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with fake_camera(tmp / "fake.log"):
+        for size in (576, 8192):
+            s = settings(packet_size=size, nodes={"width": 512, "height": 512})
+            src = AravisSource(s)
+            rec, w = run_worker(s, lambda r, _w: r.n() >= 10, 20, src=src)
+            assert src.node_report is not None
+            f = rec.frames[-1]
+            out[str(size)] = {
+                "applied": src.node_report.applied.get("GevSCPSPacketSize"),
+                "frames": len(rec.frames), "shape": list(f.image.shape),
+                "incomplete": src.incomplete, "checksum_ok": bool(
+                    # the fake camera draws a diagonal ramp: pixel (y, x+1) = pixel (y, x) + 1
+                    ((f.image[:, 1:].astype(int) - f.image[:, :-1]) % 256 == 1).mean() > 0.95),
+            }
+        for bad in (16383, 16400):
+            try:
+                AravisSource(settings(packet_size=bad)).open()
+                out[f"bad_{bad}"] = "accepted"
+            except CameraError as exc:
+                out[f"bad_{bad}"] = str(exc)
+    return out
+
+
+def scenario_trigger(tmp: Path) -> dict[str, Any]:
+    with fake_camera(tmp / "fake.log"):
+        rec = Rec()
+        w = CameraWorker.from_settings(settings(trigger={"mode": "triggered"}),
+                                       on_frame=rec.on_frame, on_state=rec.on_state)
+        w.start()
+        try:
+            wait_until(lambda: w.state == "up", 10, "up")
+            for _ in range(15):
+                assert w.trigger()
+            wait_until(lambda: rec.n() >= 15, 10, "15 frames")
+            idle = w.stats()["idle_reads"]
+            wait_until(lambda: w.stats()["idle_reads"] >= idle + 5, 10, "idle reads")
+        finally:
+            w.stop(5)
+    return {"parts": [f.part_id for f in rec.frames], "n": rec.n()}
+
+
+def scenario_disappear(tmp: Path) -> dict[str, Any]:
+    """Kill the camera: down within the stall timeout; restart it: up again."""
+    s = settings(stall_timeout_s=1.0, reopen_backoff_min_s=0.2, reopen_backoff_max_s=0.5)
+    rec = Rec()
+    w = CameraWorker.from_settings(s, on_frame=rec.on_frame, on_state=rec.on_state)
+    with fake_camera(tmp / "fake1.log"):
+        w.start()
+        wait_until(lambda: rec.n() >= 10, 10, "frames")
+    # the fake camera is stopped here (by PID)
+    with rec.lock:
+        last_frame = rec.frames[-1].captured_ns / 1e9
+    try:
+        wait_until(lambda: any(s == "down" for s, _r, _t in rec.states), 10, "down")
+        down_at = next(t for s, _r, t in rec.states if s == "down")
+        before = rec.n()
+        with fake_camera(tmp / "fake2.log"):
+            wait_until(lambda: rec.n() >= before + 10, 20, "frames after restart")
+    finally:
+        w.stop(5)
+    return {"states": [(s, r) for s, r, _t in rec.states],
+            "detect_s": down_at - last_frame, "reopens": w.stats()["reopens"]}
+
+
+def scenario_rejected(tmp: Path) -> dict[str, Any]:
+    with fake_camera(tmp / "fake.log"):
+        try:
+            AravisSource(settings(nodes={"width": 99999, "exposure_us": 1.0,
+                                         "pixel_format": "YUV"},
+                                  required_nodes=["Gain"])).open()
+            return {"error": None}
+        except CameraError as exc:
+            return {"error": str(exc), "type": type(exc).__name__}
+
+
+def main() -> None:
+    name = sys.argv[1]
+    tmp = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp")
+    fn = globals()[f"scenario_{name}"]
+    result = fn(tmp)
+    print("RESULT " + json.dumps(result, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
