@@ -38,6 +38,7 @@ from plc.config import ModbusSettings
 from plc.factory import create_link, simulated_settings
 from plc.record import Alarm, WriteOutcome
 from plc.sim import ModbusPlcSimulator
+from uplink.forwarder import Forwarder
 from uplink.spool import Spool
 
 log = structlog.get_logger(__name__)
@@ -77,6 +78,8 @@ class Daemon:
         self.plc_sim: ModbusPlcSimulator | None = None
         self.plc: DeadlineOrderedLink | None = None
         self.spool: Spool | None = None
+        self.forwarder: Forwarder | None = None
+        self._forwarder_task: asyncio.Task[None] | None = None
         self.pipeline: Pipeline | None = None
         self.http: ObservabilityServer | None = None
         self.workers: dict[str, CameraWorker] = {}
@@ -154,6 +157,10 @@ class Daemon:
         try:
             await loop.run_in_executor(None, self.spool.open)
             self._set("spool", True, "open")
+            if cfg.uplink.kafka is not None or cfg.uplink.s3 is not None:
+                self.forwarder = Forwarder(self.spool)
+                self._forwarder_task = asyncio.create_task(self.forwarder.run(), name="uplink")
+                self.components["uplink"] = ComponentState()
         except Exception as exc:  # noqa: BLE001 - the line decides without a spool
             log.error("spool_unavailable", error=repr(exc))
             self._set("spool", False, f"open failed: {exc}")
@@ -317,6 +324,11 @@ class Daemon:
         healthy = bool(self.spool_stats.get("healthy", False))
         problems = self.spool_stats.get("alarms") or []
         self._set("spool", healthy, "; ".join(problems) if problems else "ok")
+        if self.forwarder is not None:
+            fs = self.forwarder.stats()
+            self.spool_stats["forwarder"] = fs
+            peers_up = fs["kafka_up"] is not False and fs["s3_up"] is not False
+            self._set("uplink", peers_up, "ok" if peers_up else f"peer down: {fs['last_error']}")
 
     def _status_text(self) -> str:
         s = self.stats
@@ -341,7 +353,7 @@ class Daemon:
             name: {"up": c.up, "detail": c.detail, "since": c.since}
             for name, c in list(self.components.items())
         }
-        critical = [n for n in comps if n != "spool"]
+        critical = [n for n in comps if n not in ("spool", "uplink")]
         ok = all(comps[n]["up"] for n in critical)
         doc: dict[str, Any] = {
             "status": "ok" if ok else "degraded",
@@ -429,6 +441,10 @@ class Daemon:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.forwarder is not None and self._forwarder_task is not None:
+            self.forwarder.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._forwarder_task, 10.0)
         if self.spool is not None:
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, self.spool.flush, 10.0)

@@ -25,14 +25,14 @@ class SynthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    width: int = Field(256, ge=32, le=4096)
-    height: int = Field(256, ge=32, le=4096)
-    defect_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    width: int = Field(default=256, ge=32, le=4096)
+    height: int = Field(default=256, ge=32, le=4096)
+    defect_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     """Share of images with at least one defect; the rest are OK parts."""
-    max_defects: int = Field(3, ge=1, le=20)
+    max_defects: int = Field(default=3, ge=1, le=20)
     class_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     """Relative frequency of scratch, pit, crack, stain."""
-    min_instance_area_px: int = Field(6, ge=1)
+    min_instance_area_px: int = Field(default=6, ge=1)
     """Defects whose visible mask ends up smaller (clipped by the part edge) are dropped."""
 
 

@@ -17,13 +17,13 @@ from models.training.operating_point import OperatingPoint
 class GateCriteria(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    min_precision: float = Field(0.97, ge=0, le=1)
-    min_recall: float = Field(0.95, ge=0, le=1)
-    min_defect_images: int = Field(20, ge=1)
+    min_precision: float = Field(default=0.97, ge=0, le=1)
+    min_recall: float = Field(default=0.95, ge=0, le=1)
+    min_defect_images: int = Field(default=20, ge=1)
     """Fewer held-out defects than this and a 95 % recall is not measurable: refuse."""
-    min_ok_images: int = Field(20, ge=1)
-    min_box_map50: float | None = Field(None, ge=0, le=1)
-    min_mask_map50: float | None = Field(None, ge=0, le=1)
+    min_ok_images: int = Field(default=20, ge=1)
+    min_box_map50: float | None = Field(default=None, ge=0, le=1)
+    min_mask_map50: float | None = Field(default=None, ge=0, le=1)
 
 
 @dataclass(frozen=True, slots=True)

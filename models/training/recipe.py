@@ -22,22 +22,22 @@ class TrainRecipe(BaseModel):
     """Network width: p (demo, ~4 ms at 256 px on one core), n (yolov8n-seg), s."""
     weights: Path | None = None
     """Start from a checkpoint (.pt) instead of from scratch."""
-    imgsz: int = Field(256, ge=32, le=2048, multiple_of=32)
-    epochs: int = Field(50, ge=1)
-    hours: float | None = Field(None, gt=0)
+    imgsz: int = Field(default=256, ge=32, le=2048, multiple_of=32)
+    epochs: int = Field(default=50, ge=1)
+    hours: float | None = Field(default=None, gt=0)
     """Wall-clock cap; ultralytics then re-fits the epoch count after the first epoch."""
-    batch: int = Field(64, ge=1)
-    lr0: float = Field(0.00232, gt=0)
+    batch: int = Field(default=64, ge=1)
+    lr0: float = Field(default=0.00232, gt=0)
     optimizer: Literal["AdamW", "SGD", "Adam"] = "AdamW"
-    patience: int = Field(100, ge=0)
+    patience: int = Field(default=100, ge=0)
     seed: int = 0
-    workers: int = Field(2, ge=0)
-    threads: int | None = Field(None, ge=1)
+    workers: int = Field(default=2, ge=0)
+    threads: int | None = Field(default=None, ge=1)
     cache: bool = True
-    flipud: float = Field(0.5, ge=0, le=1)
+    flipud: float = Field(default=0.5, ge=0, le=1)
     """Surfaces have no up: vertical flips are free data."""
-    close_mosaic: int = Field(10, ge=0)
-    warmup_epochs: float = Field(3.0, ge=0)
+    close_mosaic: int = Field(default=10, ge=0)
+    warmup_epochs: float = Field(default=3.0, ge=0)
     val: bool = True
     """Validate every epoch. Off: only the final model is validated (CPU time goes to training)."""
     plots: bool = False
