@@ -128,7 +128,7 @@ class AravisCameraSettings(_CameraCommon):
     )
     nodes: NodeSettings = Field(default_factory=NodeSettings)
     required_nodes: list[str] = Field(default_factory=list)
-    packet_size: int | None = Field(default=None, ge=576, le=16384)
+    packet_size: int | None = Field(default=None, ge=576, le=65535)
 
     @field_validator("address", "interface_address")
     @classmethod

@@ -198,12 +198,14 @@ class CameraWorker:
                 session_start = time.monotonic()
                 self._set_state("up", None)
                 reason, got_frame = self._read_loop(session_start)
+                if reason is not None:
+                    # Report before closing: closing a vanished device can block on timeouts.
+                    self._set_state("down", reason)
                 self._safe_close()
                 if reason is None:  # stopped, or end of a finite replay
                     break
                 if got_frame:
                     backoff = self._backoff_min_s
-                self._set_state("down", reason)
                 if self._stop.wait(backoff):
                     break
                 backoff = min(backoff * 2, self._backoff_max_s)

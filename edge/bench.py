@@ -142,6 +142,11 @@ def bench_command(
     if code is not ExitCode.OK:
         typer.echo(f"daemon exited with {code.name}", err=True)
         raise typer.Exit(int(code))
+    model = daemon.components.get("model")
+    if model is None or not model.up:
+        typer.echo(f"no benchmark: the model did not load ({model.detail if model else '?'})",
+                   err=True)
+        raise typer.Exit(int(ExitCode.STARTUP_FAILED))
     s = daemon.stats.summary()
     samples_dir = cfg.cameras[0].path  # type: ignore[union-attr]
     typer.echo(f"bare model: {bare_runs} x session.run on the same inputs")

@@ -27,6 +27,7 @@ from camera.worker import CameraWorker
 from edge.config import ConfigError, LineConfig, load_config
 from edge.decision import DecisionRules
 from edge.http import ObservabilityServer
+from edge.logs import configure_logging
 from edge.metrics import Metrics
 from edge.pipeline import ModelHolder, Pipeline
 from edge.plcqueue import DeadlineOrderedLink
@@ -416,6 +417,8 @@ class Daemon:
             if previous.detector is not None and previous.detector is not holder.detector:
                 previous.detector.close()
             log.info("reload_model_applied", model=holder.model_id)
+        if new.logging != old.logging:
+            configure_logging(new.logging.level, new.logging.format)
         self.config = self.config.model_copy(
             update={"status": new.status, "logging": new.logging}
         )

@@ -29,7 +29,8 @@ from typing import TypeVar
 import structlog
 
 from plc.config import _LinkTiming
-from plc.record import WriteOutcome, WriteResult
+from plc.layout import DecodedRecord
+from plc.record import Alarm, DecisionRecord, WriteOutcome, WriteResult
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +113,25 @@ class ReconnectingLink(abc.ABC):
     @abc.abstractmethod
     async def _shut(self) -> None:
         """Close the current connection (idempotent, never raises)."""
+
+    @abc.abstractmethod
+    async def write_decision(self, record: DecisionRecord, deadline_ns: int) -> WriteResult: ...
+
+    @abc.abstractmethod
+    async def write_status(
+        self, heartbeat: int, alarms: Alarm, deadline_ns: int
+    ) -> WriteResult: ...
+
+    @abc.abstractmethod
+    async def read_part_id(self, camera_index: int, deadline_ns: int) -> int | None: ...
+
+    @abc.abstractmethod
+    async def read_record(self, camera_index: int, deadline_ns: int) -> DecodedRecord | None:
+        """Read back a camera's record (tools and tests; the daemon never needs it)."""
+
+    @abc.abstractmethod
+    async def read_status(self, deadline_ns: int) -> tuple[int, Alarm] | None:
+        """(heartbeat, alarms) as the PLC holds them (tools and tests)."""
 
     # -- PlcLink plumbing ---------------------------------------------------------------------
 

@@ -221,3 +221,55 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ProtectSystem=strict",
                       "NoNewPrivileges=yes", "RestartPreventExitStatus=2"):
         assert directive in unit
+
+
+def test_sighup_applies_safe_changes_and_survives_a_broken_config(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path
+) -> None:
+    config = line_yaml(tmp_path, plc.port, demo_package)
+    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
+    try:
+        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+        # 1. A valid change of decision rules and a restart-only section.
+        text = config.read_text()
+        config.write_text(text.replace("heartbeat_ms: 100", "heartbeat_ms: 150")
+                          + "decision: {min_area_px: 25}\n")
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: d.event("reload_done") is not None, 30, "reload_done")
+        assert d.event("reload_model_applied") is not None
+        # 2. A broken file: refused, the old config keeps running, frames keep flowing.
+        config.write_text("line: [broken\n")
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: d.event("reload_rejected") is not None, 30, "reload_rejected")
+        n = len(plc.records)
+        wait_until(lambda: len(plc.records) > n + 10, 30, "decisions after the bad reload")
+        config.write_text(text.replace("fps: 30", "fps: 20"))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: d.event("reload_needs_restart") is not None, 30, "restart warning")
+        assert d.event("reload_needs_restart")["sections"] == ["cameras"]  # type: ignore[index]
+        assert d.proc.poll() is None
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(5)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["frames"] == s["decided"] and s["deadline_misses"] == 0
+
+
+def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None:
+    out = tmp_path / "bench"
+    r = subprocess.run(
+        [*EDGE, "bench", "--rate", "30", "--duration", "3", "--bare-runs", "30", "--out", str(out)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "bench.json").read_text())
+    s = report["summary"]
+    assert s["decided"] == s["frames"] > 30
+    assert {"queue", "preprocess", "infer", "postprocess", "plc"} <= set(s["stages_ms"])
+    assert report["bare_session_run_ms"]["n"] == 30
+    assert report["ratio_daemon_infer_to_bare_p50"] > 0
+    assert (out / "bench-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "daemon/bare p50" in r.stdout
