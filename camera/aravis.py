@@ -27,7 +27,7 @@ from gi.repository import Aravis, Gio, GLib  # noqa: E402
 from camera.config import AravisCameraSettings, TriggeredMode  # noqa: E402
 from camera.counters import FrameIdUnwrapper  # noqa: E402
 from camera.frame import Frame  # noqa: E402
-from camera.nodes import Kind, NodeReport, Value, apply, plan  # noqa: E402
+from camera.nodes import Kind, NodeReport, Step, Value, apply, plan  # noqa: E402
 from camera.pixels import convert  # noqa: E402
 from camera.source import CameraConfigError, CameraError  # noqa: E402
 from camera.triggerq import TriggerQueue  # noqa: E402
@@ -181,25 +181,15 @@ class AravisSource:
     def _configure(self, cam: Any, nodes: AravisNodes) -> NodeReport:
         st = self.settings
         steps = plan(st.nodes, st.trigger, st.required_nodes)
-        report = apply(nodes, steps, st.required_nodes, st.id)
         if st.packet_size is not None:
-            try:
-                lo, hi, _inc = nodes.bounds("GevSCPSPacketSize")
-            except KeyError:
-                lo, hi = 0, 1 << 16
-            if not lo <= st.packet_size <= hi:
-                raise CameraConfigError(
-                    f"camera {st.id}: packet_size {st.packet_size} is out of the camera's range "
-                    f"[{int(lo)}, {int(hi)}]"
-                )
-            cam.gv_set_packet_size(st.packet_size)
-            got = cam.gv_get_packet_size()
-            if got != st.packet_size:
-                raise CameraConfigError(
-                    f"camera {st.id}: packet_size {st.packet_size} not accepted (camera reports "
-                    f"{got}; it may need a multiple of 4 or 8)"
-                )
-            report.applied["GevSCPSPacketSize"] = got
+            # Set before the stream exists: the stream sizes its packets from this register.
+            steps.append(Step("packet_size", ("GevSCPSPacketSize",), st.packet_size, required=True))
+        report = apply(nodes, steps, st.required_nodes, st.id)
+        if st.packet_size is not None and cam.gv_get_packet_size() != st.packet_size:
+            raise CameraConfigError(
+                f"camera {st.id}: packet_size {st.packet_size} not in effect (camera reports "
+                f"{cam.gv_get_packet_size()})"
+            )
         if self._software_trigger and not nodes.has("TriggerSoftware"):
             raise CameraConfigError(f"camera {st.id}: the device has no TriggerSoftware")
         if report.missing or report.warnings:

@@ -137,7 +137,9 @@ def scenario_packet(tmp: Path) -> dict[str, Any]:
             }
         for bad in (16383, 16408):
             try:
-                AravisSource(settings(packet_size=bad)).open()
+                src = AravisSource(settings(packet_size=bad))
+                src.open()
+                src.close()
                 out[f"bad_{bad}"] = "accepted"
             except CameraError as exc:
                 out[f"bad_{bad}"] = str(exc)
@@ -178,9 +180,12 @@ def scenario_disappear(tmp: Path) -> dict[str, Any]:
         down_at = next(t for s, _r, t in rec.states if s == "down")
         before = rec.n()
         with fake_camera(tmp / "fake2.log"):
-            wait_until(lambda: rec.n() >= before + 10, 20, "frames after restart")
+            try:
+                wait_until(lambda: rec.n() >= before + 10, 20, "frames after restart")
+            finally:
+                w.stop(10)
     finally:
-        w.stop(5)
+        w.stop(10)
     return {"states": [(s, r) for s, r, _t in rec.states],
             "detect_s": down_at - last_frame, "reopens": w.stats()["reopens"]}
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
@@ -118,3 +121,19 @@ def test_map_rejects_overlap_and_overflow_for_the_camera_count() -> None:
     assert [m.record_address(i) for i in range(4)] == [1000, 1016, 1032, 1048]
     with pytest.raises(ValueError, match="camera_index 4 outside"):
         m.record_address(4)
+
+
+def test_the_register_map_page_example_is_what_the_code_writes() -> None:
+    """docs/plc-register-map.md is what PLC programmers implement: its worked example must hold."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "plc-register-map.md").read_text()
+    m = re.search(r"`((?:[0-9A-F]{4} ){9}[0-9A-F]{4})`", doc)
+    assert m, "worked Modbus example missing from docs/plc-register-map.md"
+    example = [int(w, 16) for w in m.group(1).split()]
+    rec = DecisionRecord(2, 0x00012345, 0xA1B2C3D4, Verdict.DEFECT, 3, 875, 42, 7, 0)
+    assert layout.record_words(rec) == example
+    for order in ("big", "little"):
+        for border in ("big", "little"):
+            row = f"| {order} | {border} | 0x"
+            line = next(x for x in doc.splitlines() if x.startswith(row))
+            regs = [int(v, 16) for v in re.findall(r"0x([0-9A-F]{4})", line)]
+            assert layout.u32_words(0xA1B2C3D4, word_order=order, byte_order=border) == regs
