@@ -30,8 +30,9 @@ def bench_config(base: LineConfig, rate: float, cameras: int, spool_dir: Path) -
     template = next((c for c in base.cameras if isinstance(c, ReplayCameraSettings)), None)
     samples = template.path if template else DEMO_CONFIG.parent.parent / "models/demo/samples"
     cams = [
-        ReplayCameraSettings(type="replay", id=f"bench{i}", plc_slot=i, path=samples, fps=rate,
-                             loop=True)
+        ReplayCameraSettings(
+            type="replay", id=f"bench{i}", plc_slot=i, path=samples, fps=rate, loop=True
+        )
         for i in range(cameras)
     ]
     plc = (
@@ -43,8 +44,9 @@ def bench_config(base: LineConfig, rate: float, cameras: int, spool_dir: Path) -
         update={
             "cameras": cams,
             "plc": plc,
-            "uplink": base.uplink.model_copy(update={"spool_dir": spool_dir, "kafka": None,
-                                                     "s3": None}),
+            "uplink": base.uplink.model_copy(
+                update={"spool_dir": spool_dir, "kafka": None, "s3": None}
+            ),
             "observability": base.observability.model_copy(update={"enabled": False}),
             "decision": base.decision.model_copy(update={"camera_roi": {}}),
         }
@@ -134,8 +136,10 @@ def bench_command(
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         cfg = bench_config(base, rate, cameras, Path(tmp) / "spool")
-        typer.echo(f"daemon: {cameras} camera(s) x {rate:g} fps for {duration:g}s "
-                   f"(model {cfg.model.package.name}, {cfg.model.intra_op_threads} thread(s))")
+        typer.echo(
+            f"daemon: {cameras} camera(s) x {rate:g} fps for {duration:g}s "
+            f"(model {cfg.model.package.name}, {cfg.model.intra_op_threads} thread(s))"
+        )
         t0 = time.monotonic()
         code, daemon = run_daemon(cfg, None, duration, status_line=False)
         wall = time.monotonic() - t0
@@ -144,8 +148,9 @@ def bench_command(
         raise typer.Exit(int(code))
     model = daemon.components.get("model")
     if model is None or not model.up:
-        typer.echo(f"no benchmark: the model did not load ({model.detail if model else '?'})",
-                   err=True)
+        typer.echo(
+            f"no benchmark: the model did not load ({model.detail if model else '?'})", err=True
+        )
         raise typer.Exit(int(ExitCode.STARTUP_FAILED))
     s = daemon.stats.summary()
     samples_dir = cfg.cameras[0].path  # type: ignore[union-attr]
@@ -153,11 +158,20 @@ def bench_command(
     bare = bare_model_timing(cfg, load_sample_images(samples_dir), bare_runs)
     infer = s["stages_ms"].get("infer", percentiles([]))
     report: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version(), "cpus": _cpu_count()},
-        "config": {"rate_fps_per_camera": rate, "cameras": cameras, "duration_s": duration,
-                   "model": str(cfg.model.package), "intra_op_threads": cfg.model.intra_op_threads,
-                   "budget_ms": cfg.pipeline.budget_ms},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+            "cpus": _cpu_count(),
+        },
+        "config": {
+            "rate_fps_per_camera": rate,
+            "cameras": cameras,
+            "duration_s": duration,
+            "model": str(cfg.model.package),
+            "intra_op_threads": cfg.model.intra_op_threads,
+            "budget_ms": cfg.pipeline.budget_ms,
+        },
         "offered_fps": rate * cameras,
         "decided_fps": s["decided"] / duration,
         "wall_s": wall,

@@ -24,7 +24,9 @@ app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="Line YAML; default: the embedded demo (configs/demo.yaml)."),
+    typer.Option(
+        "--config", "-c", help="Line YAML; default: the embedded demo (configs/demo.yaml)."
+    ),
 ]
 
 
@@ -75,7 +77,8 @@ def run(
     if daemon.plc_sim is not None:
         c = daemon.plc_sim.counters()
         summary["plc_simulator"] = {
-            "records_received": c.records_received, "sequence_gaps": c.sequence_gaps,
+            "records_received": c.records_received,
+            "sequence_gaps": c.sequence_gaps,
             "heartbeats_received": c.heartbeats_received,
         }
     if tty:
@@ -92,19 +95,23 @@ def format_summary(s: dict[str, Any]) -> str:
         "== edge run summary ==",
         f"frames {s['frames']}  decided {s['decided']}  exit: {s.get('exit_reason', '?')}",
         "verdicts   " + ("  ".join(f"{k} {v}" for k, v in sorted(s["verdicts"].items())) or "-"),
-        "fail-safes " + ("  ".join(f"{k} {v}" for k, v in sorted(s["failsafes"].items())) or "none"),
+        "fail-safes "
+        + ("  ".join(f"{k} {v}" for k, v in sorted(s["failsafes"].items())) or "none"),
         f"deadline misses {s['deadline_misses']} "
         + (str(s["misses_by_outcome"]) if s["deadline_misses"] else ""),
         f"latency capture->PLC ack ms: p50 {e2e['p50']:.1f}  p99 {e2e['p99']:.1f}  "
         f"max {e2e['max']:.1f}  (n={e2e['n']})",
     ]
     for stage, st in s["stages_ms"].items():
-        lines.append(f"  {stage:<12} p50 {st['p50']:7.2f}  p99 {st['p99']:7.2f}  max {st['max']:7.2f}")
+        lines.append(
+            f"  {stage:<12} p50 {st['p50']:7.2f}  p99 {st['p99']:7.2f}  max {st['max']:7.2f}"
+        )
     if s.get("plc_simulator"):
         lines.append(f"plc simulator: {s['plc_simulator']}")
     if s.get("late_results_discarded"):
-        lines.append(f"late real verdicts discarded (fail-safe already out): "
-                     f"{s['late_results_discarded']}")
+        lines.append(
+            f"late real verdicts discarded (fail-safe already out): {s['late_results_discarded']}"
+        )
     if s.get("spool_rejected"):
         lines.append(f"events the spool refused: {s['spool_rejected']}")
     return "\n".join(lines)
@@ -123,9 +130,9 @@ def swap_model(
     The daemon loads the new model beside the running one and swaps between batches; a package
     that fails to load is refused and the old model keeps running.
     """
+    from edge.yamledit import set_yaml_value
     from models.package import load_package
     from models.types import ModelPackageError
-    from edge.yamledit import set_yaml_value
 
     try:
         pkg = load_package(package)
@@ -135,8 +142,10 @@ def swap_model(
     set_yaml_value(config, ["model", "package"], str(package.resolve()))
     _load_or_exit(config)
     m = pkg.manifest
-    typer.echo(f"{config}: model.package -> {package} ({m.name} {m.version}, sha256 "
-               f"{pkg.model_sha256[:12]})")
+    typer.echo(
+        f"{config}: model.package -> {package} ({m.name} {m.version}, sha256 "
+        f"{pkg.model_sha256[:12]})"
+    )
     if pid:
         os.kill(pid, signal.SIGHUP)
         typer.echo(f"sent SIGHUP to {pid}; watch the log for reload_model_applied")

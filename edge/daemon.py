@@ -118,8 +118,12 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self._status_line()))
         self.notifier.ready(self._status_text())
         self.ready.set()
-        log.info("daemon_ready", line=self.config.line, cameras=list(self.workers),
-                 http_port=self.http.port if self.http else None)
+        log.info(
+            "daemon_ready",
+            line=self.config.line,
+            cameras=list(self.workers),
+            http_port=self.http.port if self.http else None,
+        )
         while not self._stop.is_set():
             reload_wait = asyncio.create_task(self._reload.wait())
             stop_wait = asyncio.create_task(self._stop.wait())
@@ -162,7 +166,7 @@ class Daemon:
                 self.forwarder = Forwarder(self.spool)
                 self._forwarder_task = asyncio.create_task(self.forwarder.run(), name="uplink")
                 self.components["uplink"] = ComponentState()
-        except Exception as exc:  # noqa: BLE001 - the line decides without a spool
+        except Exception as exc:
             log.error("spool_unavailable", error=repr(exc))
             self._set("spool", False, f"open failed: {exc}")
 
@@ -192,7 +196,7 @@ class Daemon:
         reason to keep the line blind (its own watchdog rejects parts while we are absent)."""
         assert self.plc is not None
         end = time.monotonic() + limit_s
-        while not self.plc.connected and time.monotonic() < end:
+        while not self.plc.connected and time.monotonic() < end:  # noqa: ASYNC110 - link has no event
             await asyncio.sleep(0.02)
         if not self.plc.connected:
             log.error("plc_not_connected_at_start", waited_s=limit_s)
@@ -214,7 +218,7 @@ class Daemon:
             )
             self._set("model", True, detector.info.model_id)
             return ModelHolder(detector, rules, package.manifest.plc_model_id)
-        except Exception as exc:  # noqa: BLE001 - a bad package must not stop the line
+        except Exception as exc:
             log.error("model_load_failed", package=str(cfg.model.package), error=str(exc))
             self._set("model", False, f"load failed: {exc}")
             return ModelHolder(None, None, 0)
@@ -247,8 +251,9 @@ class Daemon:
         if comp.set(up, detail):
             self.metrics.component_up.labels(name).set(1 if up else 0)
             if up != was_up or not up:
-                (log.info if up else log.warning)("component_state", component=name,
-                                                  up=up, detail=detail)
+                (log.info if up else log.warning)(
+                    "component_state", component=name, up=up, detail=detail
+                )
 
     def _compute_alarms(self) -> Alarm:
         alarms = Alarm(0)
@@ -260,7 +265,11 @@ class Daemon:
             alarms |= Alarm.SPOOL_FAULT
         p = self.pipeline
         hold_ns = self.config.status.failsafe_alarm_hold_s * 1e9
-        if p is not None and p.last_failsafe_ns and time.monotonic_ns() - p.last_failsafe_ns < hold_ns:
+        if (
+            p is not None
+            and p.last_failsafe_ns
+            and time.monotonic_ns() - p.last_failsafe_ns < hold_ns
+        ):
             alarms |= Alarm.FAILSAFE_ACTIVE
         if self.spool_stats.get("alarms"):
             alarms |= Alarm.UPLINK_BACKLOG_HIGH
@@ -278,9 +287,13 @@ class Daemon:
             self.metrics.alarms.set(int(self.alarms))
             deadline = time.monotonic_ns() + int(period * 1e9)
             result = await self.plc.write_status(self.heartbeat, self.alarms, deadline)
-            self._set("plc", result.outcome is WriteOutcome.ACKED,
-                      "connected" if result.outcome is WriteOutcome.ACKED
-                      else f"heartbeat {result.outcome.value}: {result.detail}")
+            self._set(
+                "plc",
+                result.outcome is WriteOutcome.ACKED,
+                "connected"
+                if result.outcome is WriteOutcome.ACKED
+                else f"heartbeat {result.outcome.value}: {result.detail}",
+            )
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if time.monotonic() - next_at > period:
@@ -320,7 +333,7 @@ class Daemon:
             self.spool_stats = await asyncio.wait_for(
                 loop.run_in_executor(None, self.spool.stats), timeout=5.0
             )
-        except Exception as exc:  # noqa: BLE001 - a sick spool is an alarm, not a crash
+        except Exception as exc:
             self.spool_stats = {"healthy": False, "alarms": [f"stats failed: {exc!r}"]}
         healthy = bool(self.spool_stats.get("healthy", False))
         problems = self.spool_stats.get("alarms") or []
@@ -396,7 +409,8 @@ class Daemon:
             return False
         old = self.config
         restart_needed = [
-            name for name in ("line", "cameras", "plc", "uplink", "pipeline", "observability")
+            name
+            for name in ("line", "cameras", "plc", "uplink", "pipeline", "observability")
             if getattr(new, name) != getattr(old, name)
         ]
         if restart_needed:
@@ -407,8 +421,9 @@ class Daemon:
             holder = await self._load_model()
             if holder.detector is None:
                 self.config = old
-                self._set("model", self.pipeline.model.detector is not None,
-                          self.pipeline.model.model_id)
+                self._set(
+                    "model", self.pipeline.model.detector is not None, self.pipeline.model.model_id
+                )
                 log.error("reload_model_rejected", kept=self.pipeline.model.model_id)
                 return False
             previous = self.pipeline.model
@@ -419,9 +434,7 @@ class Daemon:
             log.info("reload_model_applied", model=holder.model_id)
         if new.logging != old.logging:
             configure_logging(new.logging.level, new.logging.format)
-        self.config = self.config.model_copy(
-            update={"status": new.status, "logging": new.logging}
-        )
+        self.config = self.config.model_copy(update={"status": new.status, "logging": new.logging})
         log.info("reload_done", restart_needed=restart_needed)
         return True
 
@@ -477,9 +490,11 @@ def run_daemon(
 
     async def main() -> ExitCode:
         if on_ready is not None:
+
             async def call_ready() -> None:
                 await daemon.ready.wait()
                 on_ready(daemon)
+
             asyncio.get_running_loop().create_task(call_ready())
         return await daemon.run(duration_s, status_line)
 

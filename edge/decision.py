@@ -53,7 +53,9 @@ class DecisionSettings(BaseModel):
             if not name.strip():
                 raise ValueError("decision.classes has an empty class name")
             if rule.ignore and (rule.min_score is not None or rule.min_area_px):
-                raise ValueError(f"decision.classes.{name}: 'ignore' excludes min_score/min_area_px")
+                raise ValueError(
+                    f"decision.classes.{name}: 'ignore' excludes min_score/min_area_px"
+                )
         return self
 
 
@@ -69,7 +71,7 @@ class Decision:
 
 
 class DecisionRules:
-    """Resolved thresholds: settings merged with the package's operating point once, not per frame."""
+    """Thresholds resolved once (settings over the package's operating point), not per frame."""
 
     def __init__(
         self,

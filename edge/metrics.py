@@ -1,8 +1,8 @@
 """Prometheus metrics of one daemon instance.
 
 Each daemon owns its own CollectorRegistry (tests run several daemons in one process, and the bench
-runs one beside the CLI). Latency buckets are dense around the 348 ms budget, where a quality engineer
-needs to see how close to the edge the line runs.
+runs one beside the CLI). Latency buckets are dense around the 348 ms budget, where a quality
+engineer needs to see how close to the edge the line runs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,28 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _MS_BUCKETS = (
-    1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 250, 300, 325, 348, 400, 500, 1000,
+    1,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    40,
+    50,
+    75,
+    100,
+    150,
+    200,
+    250,
+    300,
+    325,
+    348,
+    400,
+    500,
+    1000,
 )
 
 
@@ -28,7 +49,9 @@ class Metrics:
             registry=r,
         )
         self.failsafes = Counter(
-            "edge_failsafe_total", "Fail-safe REJECTs decided, by reason.", ["camera", "reason"],
+            "edge_failsafe_total",
+            "Fail-safe REJECTs decided, by reason.",
+            ["camera", "reason"],
             registry=r,
         )
         self.deadline_misses = Counter(
@@ -57,12 +80,12 @@ class Metrics:
             buckets=_MS_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "edge_queue_depth", "Frames waiting for inference.", registry=r
-        )
+        self.queue_depth = Gauge("edge_queue_depth", "Frames waiting for inference.", registry=r)
         self.inflight = Gauge("edge_inflight_frames", "Frames not yet decided.", registry=r)
         self.batch_size = Histogram(
-            "edge_batch_size", "Frames per inference batch.", buckets=(1, 2, 3, 4, 6, 8, 16),
+            "edge_batch_size",
+            "Frames per inference batch.",
+            buckets=(1, 2, 3, 4, 6, 8, 16),
             registry=r,
         )
         self.component_up = Gauge(
@@ -74,4 +97,6 @@ class Metrics:
             registry=r,
         )
         self.heartbeat = Gauge("edge_plc_heartbeat", "Last heartbeat value written.", registry=r)
-        self.alarms = Gauge("edge_plc_alarm_word", "Alarm bits last written to the PLC.", registry=r)
+        self.alarms = Gauge(
+            "edge_plc_alarm_word", "Alarm bits last written to the PLC.", registry=r
+        )

@@ -317,10 +317,14 @@ class Pipeline:
             self._busy_since[index] = start
             try:
                 out = await loop.run_in_executor(
-                    self._executor, _run_batch, detector, rules, [j.frame for j in batch],
+                    self._executor,
+                    _run_batch,
+                    detector,
+                    rules,
+                    [j.frame for j in batch],
                     self.settings.masks,
                 )
-            except Exception as exc:  # noqa: BLE001 - any model failure must become a fail-safe
+            except Exception as exc:
                 self._busy_since.pop(index, None)
                 self._on_model_error(exc)
                 for job in batch:
@@ -385,7 +389,7 @@ class Pipeline:
                 result = await self._write(record, job.deadline_ns)
             job.sequence = result.sequence or 0
             self._account(job, verdict, reason, decided_ns, result, holder)
-        except Exception:  # noqa: BLE001 - accounting must never lose a frame
+        except Exception:
             log.exception("finish_failed", camera=job.frame.camera_id, frame=job.frame.frame_id)
             self.stats.record_miss(job.frame.camera_id, "internal_error")
         finally:
@@ -394,7 +398,7 @@ class Pipeline:
     async def _write(self, record: DecisionRecord, deadline_ns: int) -> WriteResult:
         try:
             return await self.plc.write_decision(record, deadline_ns)
-        except Exception as exc:  # noqa: BLE001 - a link bug must not take the frame with it
+        except Exception as exc:
             log.error("plc_write_raised", error=repr(exc))
             return WriteResult(WriteOutcome.FAILED, detail=repr(exc))
 
@@ -456,8 +460,13 @@ class Pipeline:
             self.metrics.deadline_misses.labels(cam, result.outcome.value).inc()
             self.stats.record_miss(cam, result.outcome.value)
             log.warning(
-                "deadline_miss", camera=cam, frame=job.frame.frame_id, part=job.frame.part_id,
-                verdict=verdict.name, reason=reason_name, outcome=result.outcome.value,
+                "deadline_miss",
+                camera=cam,
+                frame=job.frame.frame_id,
+                part=job.frame.part_id,
+                verdict=verdict.name,
+                reason=reason_name,
+                outcome=result.outcome.value,
                 detail=result.detail,
             )
         if self.sink is not None:
@@ -486,9 +495,9 @@ class Pipeline:
             decided_at=_rfc3339(wall0 + decided_ns - mono0),
             plc_acked_at=_rfc3339(wall0 + result.acked_ns - mono0) if result.acked_ns else None,
             verdict=verdict.name,
-            reason=reason_name if verdict is Verdict.FAILSAFE_REJECT else (
-                job.decision.reason if job.decision else "none"
-            ),
+            reason=reason_name
+            if verdict is Verdict.FAILSAFE_REJECT
+            else (job.decision.reason if job.decision else "none"),
             model_id=holder.model_id,
             detections=[_detection_dict(d) for d in counted],
             latency_ms={k: round(v, 3) for k, v in job.stages_ms.items()},
@@ -497,7 +506,7 @@ class Pipeline:
         assert self.sink is not None
         try:
             accepted = self.sink.submit(event, frame.image)
-        except Exception as exc:  # noqa: BLE001 - the uplink never takes the line down
+        except Exception as exc:
             log.error("spool_submit_raised", error=repr(exc))
             accepted = False
         if not accepted:
@@ -520,7 +529,8 @@ def _run_batch(
     ]
     t2 = time.perf_counter_ns()
     detections = [
-        d for c, out in zip(chunks, outputs, strict=True)
+        d
+        for c, out in zip(chunks, outputs, strict=True)
         for d in detector.postprocess(out, c, masks=masks)
     ]
     t3 = time.perf_counter_ns()

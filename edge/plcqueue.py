@@ -92,7 +92,7 @@ class DeadlineOrderedLink:
                 continue
             try:
                 result = await call()
-            except Exception as exc:  # noqa: BLE001 - a link bug fails one request, not the queue
+            except Exception as exc:
                 result = WriteResult(WriteOutcome.FAILED, detail=repr(exc))
             if not fut.done():
                 fut.set_result(result)

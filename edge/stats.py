@@ -13,8 +13,10 @@ import numpy as np
 def percentiles(samples: array[float] | list[float]) -> dict[str, float]:
     if not len(samples):
         return {"n": 0, "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    a = np.frombuffer(samples, dtype=np.float64) if isinstance(samples, array) else np.asarray(
-        samples, dtype=np.float64
+    a = (
+        np.frombuffer(samples, dtype=np.float64)
+        if isinstance(samples, array)
+        else np.asarray(samples, dtype=np.float64)
     )
     return {
         "n": int(a.size),

@@ -6,6 +6,7 @@ no-op, so the daemon behaves the same in a terminal, in tests and under Type=not
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -31,10 +32,8 @@ class Notifier:
     def notify(self, message: str) -> None:
         if self._sock is None or self._addr is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # systemd gone (shutdown): nothing useful to do
             self._sock.sendto(message.encode(), self._addr)
-        except OSError:
-            pass  # systemd gone (shutdown): nothing useful to do
 
     def ready(self, status: str) -> None:
         self.notify(f"READY=1\nSTATUS={status}")

@@ -107,29 +107,25 @@ class ModbusLink(ReconnectingLink):
 
     async def _open(self, timeout_s: float) -> None:
         s = self.settings
+        holder: list[AsyncModbusTcpClient] = []
         client = AsyncModbusTcpClient(
-            s.host,
-            port=s.port,
-            timeout=timeout_s,
-            retries=0,
-            reconnect_delay=0,
+            s.host, port=s.port, timeout=timeout_s, retries=0, reconnect_delay=0,
             name=f"plc-{s.host}:{s.port}",
-            trace_connect=self._on_trace_connect,
+            trace_connect=lambda up: self._on_trace_connect(holder[0] if holder else None, up),
         )
+        holder.append(client)
         self._client = client
         if not await client.connect():
             raise ConnectionError(f"cannot connect to {s.host}:{s.port}")
 
-    def _on_trace_connect(self, up: bool) -> None:
-        if up:
-            return
-        client = self._client
-        if client is not None:
-            # pymodbus leaves an in-flight request waiting its whole timeout after a drop:
-            # fail it now (its outcome is unknown either way).
-            fut = getattr(client.ctx, "response_future", None)
-            if isinstance(fut, asyncio.Future) and not fut.done():
-                fut.set_exception(ConnectionException("connection lost in flight"))
+    def _on_trace_connect(self, client: AsyncModbusTcpClient | None, up: bool) -> None:
+        if up or client is None or client is not self._client:
+            return  # only a drop of the current connection matters
+        # pymodbus leaves an in-flight request waiting its whole timeout after a drop:
+        # fail it now (its outcome is unknown either way).
+        fut = getattr(client.ctx, "response_future", None)
+        if isinstance(fut, asyncio.Future) and not fut.done():
+            fut.set_exception(ConnectionException("connection lost in flight"))
         self._connection_lost("connection closed by peer")
 
     async def _shut(self) -> None:

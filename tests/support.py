@@ -19,7 +19,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.01) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.01
+) -> None:
     """Poll a condition (a readiness probe, not a sleep standing in for synchronisation)."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -48,10 +50,14 @@ def spawned(
     """Start a peer in its own process group, wait for readiness, stop it by PID afterwards."""
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        list(cmd), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        list(cmd),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         env={**os.environ, **(env or {})},
     )
     try:
+
         def _ready() -> bool:
             if proc.poll() is not None:
                 tail = log.read_text(errors="replace")[-2000:] if log else ""

@@ -174,7 +174,8 @@ class UplinkSettings(BaseModel):
     quota_mb: float = Field(default=2048.0, gt=0)
     """Upper bound for the spool database plus its image files."""
     alarm_fraction: float = Field(default=0.5, gt=0, lt=1)
-    """Raise the disk alarm once usage passes this fraction of the quota (long before eviction)."""
+    """Raise the disk alarm once UNSENT data passes this fraction of the quota, long before any
+    unsent data is evicted (sent data filling the quota is normal and goes first)."""
     evict_to_fraction: float = Field(default=0.9, gt=0, lt=1)
     """When the quota is exceeded, evict until usage is below this fraction of it."""
     alarm_backlog_events: int = Field(default=100_000, ge=1)

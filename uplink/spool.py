@@ -643,8 +643,8 @@ class Spool:
         target = int(quota * self.settings.evict_to_fraction)
         evicted: dict[str, int] = {}
         for cls in EVICTION_CLASSES:
-            while self.bytes_used() > target:
-                n = self._evict_chunk(cls)
+            while (used := self.bytes_used()) > target:
+                n = self._evict_chunk(cls, used - target)
                 if n == 0:
                     break
                 evicted[cls] = evicted.get(cls, 0) + n
@@ -658,25 +658,29 @@ class Spool:
             if any(k in evicted for k in ("unsent_ok", "defect")):
                 self._error(f"spool quota exceeded: evicted UNSENT data {evicted}")
 
-    def _evict_chunk(self, cls: str, chunk: int = 200) -> int:
-        """Evict up to `chunk` items of one class, oldest first; returns how many."""
+    def _evict_chunk(self, cls: str, need: int) -> int:
+        """Evict the oldest items of one class until about `need` bytes are freed (one
+        transaction, at most 2000 rows); returns how many."""
         conn = self._wconn
         assert conn is not None
-        if cls == "ok_images":
-            sel = ("SELECT id, image_file, image_bytes FROM events WHERE image_kind = 'ok_sample' "
-                   "AND image_state IN ('pending','sent') ORDER BY image_state = 'pending', id "
-                   "LIMIT ?")
-        elif cls == "sent":
-            sel = ("SELECT id, image_file, image_bytes FROM events WHERE sent_at IS NOT NULL "
-                   "AND image_state != 'pending' ORDER BY id LIMIT ?")
-        elif cls == "unsent_ok":
-            sel = ("SELECT id, image_file, image_bytes FROM events WHERE sent_at IS NULL "
-                   "AND defect = 0 ORDER BY id LIMIT ?")
-        else:
-            sel = "SELECT id, image_file, image_bytes FROM events ORDER BY id LIMIT ?"
-        rows = conn.execute(sel, (chunk,)).fetchall()
-        if not rows:
+        cols = "SELECT id, image_file, image_bytes, LENGTH(payload) FROM events "
+        where = {
+            "ok_images": "WHERE image_kind = 'ok_sample' AND image_state IN ('pending', 'sent') "
+                         "ORDER BY image_state = 'pending', id",
+            "sent": "WHERE sent_at IS NOT NULL AND image_state != 'pending' ORDER BY id",
+            "unsent_ok": "WHERE sent_at IS NULL AND defect = 0 ORDER BY id",
+            "defect": "ORDER BY id",
+        }[cls]
+        sel = cols + where + " LIMIT ?"
+        candidates = conn.execute(sel, (2000,)).fetchall()
+        if not candidates:
             return 0
+        rows, freed = [], 0
+        for r in candidates:  # a byte-sized prefix: never evict far more than needed
+            rows.append(r)
+            freed += int(r[2] or 0) + (0 if cls == "ok_images" else int(r[3] or 0) + 100)
+            if freed >= need:
+                break
         ids = [r[0] for r in rows]
         marks = ",".join("?" * len(ids))
         with conn:
@@ -693,7 +697,7 @@ class Spool:
                 "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
                 (f"evicted_{cls}", len(ids)),
             )
-        for _id, name, size in rows:
+        for _id, name, size, _len in rows:
             if name:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.images_dir / name)
@@ -810,9 +814,13 @@ class Spool:
             unsent, oldest = conn.execute(
                 "SELECT COUNT(*), MIN(spooled_at) FROM events WHERE sent_at IS NULL"
             ).fetchone()
-            unsent_images, oldest_img = conn.execute(
-                "SELECT COUNT(*), MIN(spooled_at) FROM events WHERE image_state = 'pending'"
+            unsent_images, oldest_img, img_bytes = conn.execute(
+                "SELECT COUNT(*), MIN(spooled_at), COALESCE(SUM(image_bytes), 0) FROM events "
+                "WHERE image_state = 'pending'"
             ).fetchone()
+            ev_bytes = conn.execute(
+                "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM events WHERE sent_at IS NULL"
+            ).fetchone()[0]
             total = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
             counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
         now = time.time()
@@ -822,6 +830,10 @@ class Spool:
             "unsent_events": int(unsent),
             "unsent_images": int(unsent_images),
             "oldest_unsent_age_s": round(max(ages), 3) if ages else 0.0,
+            # What eviction could not take without losing undelivered data (approximate for
+            # events: payload bytes, not pages); the disk alarm is based on this, because sent
+            # data filling the quota is normal and is evicted first.
+            "unsent_bytes": int(img_bytes) + int(ev_bytes),
             "evicted": {c: int(counters.get(f"evicted_{c}", 0)) for c in EVICTION_CLASSES},
         }
 
@@ -850,8 +862,9 @@ class Spool:
         out: list[str] = []
         if not self.healthy:
             out.append("spool unhealthy: " + (self._last_error or "not running"))
-        if s.get("usage_fraction", 0.0) >= self.settings.alarm_fraction:
-            out.append(f"spool disk usage {s['usage_fraction']:.0%} of quota")
+        unsent_fraction = s.get("unsent_bytes", 0) / self.settings.quota_bytes
+        if unsent_fraction >= self.settings.alarm_fraction:
+            out.append(f"unsent data fills {unsent_fraction:.0%} of the spool quota")
         if s.get("unsent_events", 0) >= self.settings.alarm_backlog_events:
             out.append(f"{s['unsent_events']} unsent events")
         if s.get("oldest_unsent_age_s", 0.0) >= self.settings.alarm_oldest_unsent_s:

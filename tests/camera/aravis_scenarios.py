@@ -178,6 +178,9 @@ def scenario_disappear(tmp: Path) -> dict[str, Any]:
     try:
         wait_until(lambda: any(s == "down" for s, _r, _t in rec.states), 10, "down")
         down_at = next(t for s, _r, t in rec.states if s == "down")
+        # at least one reopen attempt fails while the camera is gone
+        wait_until(lambda: w.stats()["reopens"] >= 2, 20, "a failed reopen")
+        failed_reason = w.stats()["reason"]
         before = rec.n()
         with fake_camera(tmp / "fake2.log"):
             try:
@@ -187,7 +190,8 @@ def scenario_disappear(tmp: Path) -> dict[str, Any]:
     finally:
         w.stop(10)
     return {"states": [(s, r) for s, r, _t in rec.states],
-            "detect_s": down_at - last_frame, "reopens": w.stats()["reopens"]}
+            "detect_s": down_at - last_frame, "reopens": w.stats()["reopens"],
+            "failed_reason": failed_reason}
 
 
 def scenario_rejected(tmp: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Fixtures for the daemon-core tests: a Modbus PLC in its own process, mbpoll read-back, the model."""
+"""Daemon-core fixtures: a Modbus PLC in its own process, mbpoll read-back, the demo model."""
 
 from __future__ import annotations
 
@@ -36,9 +36,28 @@ class PlcProcess:
 def mbpoll_registers(port: int, address: int, count: int) -> list[int]:
     """Holding registers read by mbpoll (Debian), a Modbus client this project did not write."""
     out = subprocess.run(
-        ["mbpoll", "-m", "tcp", "-p", str(port), "-a", "1", "-0", "-r", str(address),
-         "-c", str(count), "-t", "4", "-1", "127.0.0.1"],
-        capture_output=True, text=True, timeout=10, check=True,
+        [
+            "mbpoll",
+            "-m",
+            "tcp",
+            "-p",
+            str(port),
+            "-a",
+            "1",
+            "-0",
+            "-r",
+            str(address),
+            "-c",
+            str(count),
+            "-t",
+            "4",
+            "-1",
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     ).stdout
     values = dict((int(a), int(v)) for a, v in re.findall(r"^\[(\d+)\]:\s+(-?\d+)", out, re.M))
     return [values[address + i] & 0xFFFF for i in range(count)]
@@ -48,8 +67,13 @@ def mbpoll_record(port: int, slot: int) -> dict[str, int]:
     """Decode a record per docs/plc-register-map.md (big-endian words, high word first)."""
     w = mbpoll_registers(port, RECORD_BASE + slot * RECORD_STRIDE, 10)
     return {
-        "part_id": w[0] << 16 | w[1], "verdict": w[2], "defect_class": w[3],
-        "score_permille": w[4], "latency_ms": w[5], "model_id": w[6], "reason": w[7],
+        "part_id": w[0] << 16 | w[1],
+        "verdict": w[2],
+        "defect_class": w[3],
+        "score_permille": w[4],
+        "latency_ms": w[5],
+        "model_id": w[6],
+        "reason": w[7],
         "sequence": w[8] << 16 | w[9],
     }
 
@@ -58,10 +82,20 @@ def mbpoll_record(port: int, slot: int) -> dict[str, int]:
 def plc() -> Iterator[PlcProcess]:
     """A Modbus PLC simulator process; collects its per-record lines (independent accounting)."""
     port = free_port()
-    cmd = [sys.executable, "-u", "-m", "plc.sim", "--port", str(port), "--camera-slots", "4",
-           "--log-records"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "plc.sim",
+        "--port",
+        str(port),
+        "--camera-slots",
+        "4",
+        "--log-records",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     plc = PlcProcess(port, proc)
     ready = threading.Event()
 

@@ -103,6 +103,11 @@ class FakeLink:
 def make_frame(camera: str, frame_id: int, *, age_ms: float = 0.0) -> Frame:
     now = time.monotonic_ns() - int(age_ms * 1e6)
     return Frame(
-        camera_id=camera, frame_id=frame_id, part_id=frame_id, captured_ns=now,
-        captured_wall_ns=time.time_ns(), image=np.zeros((48, 64), np.uint8), pixel_format="Mono8",
+        camera_id=camera,
+        frame_id=frame_id,
+        part_id=frame_id,
+        captured_ns=now,
+        captured_wall_ns=time.time_ns(),
+        image=np.zeros((48, 64), np.uint8),
+        pixel_format="Mono8",
     )

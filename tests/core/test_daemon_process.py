@@ -6,6 +6,7 @@ mbpoll after the daemon is gone); the spool is read with sqlite3 directly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -31,8 +32,16 @@ EDGE = [sys.executable, "-m", "edge"]
 def line_yaml(tmp: Path, plc_port: int, package: Path, **over: Any) -> Path:
     cfg: dict[str, Any] = {
         "line": "test-line",
-        "cameras": [{"id": "cam0", "type": "replay", "plc_slot": 0, "path": str(DEMO_SAMPLES),
-                     "fps": 30, "loop": True}],
+        "cameras": [
+            {
+                "id": "cam0",
+                "type": "replay",
+                "plc_slot": 0,
+                "path": str(DEMO_SAMPLES),
+                "fps": 30,
+                "loop": True,
+            }
+        ],
         "model": {"package": str(package), "intra_op_threads": 1},
         "plc": {"type": "modbus", "host": "127.0.0.1", "port": plc_port},
         "uplink": {"spool_dir": str(tmp / "spool"), "quota_mb": 64},
@@ -84,7 +93,10 @@ class DaemonProc:
         self.lines: list[dict[str, Any]] = []
         self.proc = subprocess.Popen(
             [*EDGE, "run", "--config", str(config), "--summary-json", str(summary)],
-            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
         )
         self._t = threading.Thread(target=self._pump, daemon=True)
         self._t.start()
@@ -102,7 +114,7 @@ class DaemonProc:
 
 
 @pytest.fixture
-def notify(tmp_path: Path):  # type: ignore[no-untyped-def]
+def notify(tmp_path: Path):
     n = NotifySocket(tmp_path / "notify.sock")
     yield n
     n.close()
@@ -151,7 +163,7 @@ def test_sigterm_drains_and_everything_is_accounted(
     # systemd protocol: READY, then WATCHDOG pings at < WatchdogSec/2, then STOPPING.
     pings = notify.seen("WATCHDOG=1")
     assert len(pings) >= 2
-    assert max(b - a for a, b in zip(pings, pings[1:], strict=False)) < 0.6
+    assert max(b - a for a, b in itertools.pairwise(pings)) < 0.6
     assert notify.seen("STOPPING=1")
     assert notify.seen("STATUS=")
 
@@ -168,12 +180,19 @@ def test_config_check_reports_every_error_with_its_key_path(tmp_path: Path) -> N
         "uplink: {}\n"
         "pipeline: {budget_ms: 348, failsafe_reserve_ms: 400}\n"
     )
-    r = subprocess.run([*EDGE, "config", "check", str(bad)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [*EDGE, "config", "check", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     err = r.stderr
-    for expected in ("line:", "cameras[0].fps:", "cameras[1]:", "model.runtme: unknown key",
-                     "plc.port:", "pipeline:"):
+    for expected in (
+        "line:",
+        "cameras[0].fps:",
+        "cameras[1]:",
+        "model.runtme: unknown key",
+        "plc.port:",
+        "pipeline:",
+    ):
         assert expected in err, f"{expected!r} missing from:\n{err}"
 
 
@@ -188,16 +207,21 @@ def test_config_check_reports_every_error_with_its_key_path(tmp_path: Path) -> N
 def test_config_check_rejects_malformed_yaml(tmp_path: Path, text: str, expected: str) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
-    r = subprocess.run([*EDGE, "config", "check", str(bad)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [*EDGE, "config", "check", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and expected in r.stderr, r.stderr
 
 
 def test_shipped_configs_are_valid() -> None:
     for name in ("demo.yaml", "line.example.yaml"):
-        r = subprocess.run([*EDGE, "config", "check", str(ROOT / "configs" / name)],
-                           capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "EDGE_S3_SECRET_KEY": "x", "EDGE_S3_ACCESS_KEY": "x"})
+        r = subprocess.run(
+            [*EDGE, "config", "check", str(ROOT / "configs" / name)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "EDGE_S3_SECRET_KEY": "x", "EDGE_S3_ACCESS_KEY": "x"},
+        )
         assert r.returncode == 0, r.stderr
 
 
@@ -214,12 +238,21 @@ def test_runtime_import_path_has_no_torch_or_ultralytics() -> None:
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (ROOT / "systemd" / "edge.service").read_text()
     local = tmp_path / "edge.service"
-    local.write_text(unit.replace("/opt/edge/venv/bin/edge", str(Path(sys.executable).parent / "edge")))
-    r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True,
-                       timeout=60)
+    local.write_text(
+        unit.replace("/opt/edge/venv/bin/edge", str(Path(sys.executable).parent / "edge"))
+    )
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
-    for directive in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ProtectSystem=strict",
-                      "NoNewPrivileges=yes", "RestartPreventExitStatus=2"):
+    for directive in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "RestartPreventExitStatus=2",
+    ):
         assert directive in unit
 
 
@@ -232,8 +265,9 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
         wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
         # 1. A valid change of decision rules and a restart-only section.
         text = config.read_text()
-        config.write_text(text.replace("heartbeat_ms: 100", "heartbeat_ms: 150")
-                          + "decision: {min_area_px: 25}\n")
+        config.write_text(
+            text.replace("heartbeat_ms: 100", "heartbeat_ms: 150") + "decision: {min_area_px: 25}\n"
+        )
         d.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: d.event("reload_done") is not None, 30, "reload_done")
         assert d.event("reload_model_applied") is not None
@@ -262,7 +296,9 @@ def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None
     out = tmp_path / "bench"
     r = subprocess.run(
         [*EDGE, "bench", "--rate", "30", "--duration", "3", "--bare-runs", "30", "--out", str(out)],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "bench.json").read_text())

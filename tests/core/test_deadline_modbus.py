@@ -82,7 +82,9 @@ def real_detector() -> Iterator[Detector]:
 def images() -> list[np.ndarray]:
     files = sorted(DEMO_SAMPLES.glob("*.png"))
     assert files, f"no demo samples in {DEMO_SAMPLES}"
-    return [cv2.imread(str(f), cv2.IMREAD_COLOR) for f in files]
+    images = [cv2.imread(str(f), cv2.IMREAD_COLOR) for f in files]
+    assert all(im is not None for im in images)
+    return images  # type: ignore[return-value]
 
 
 def frame(camera: str, i: int, image: np.ndarray) -> Frame:
@@ -102,8 +104,16 @@ async def make_pipeline(
     assert link.connected, "link did not connect to the simulator"
     settings = PipelineSettings(budget_ms=BUDGET_MS, **kw)  # type: ignore[arg-type]
     rules = DecisionRules(DecisionSettings(), det.info.classes)
-    p = Pipeline(settings, "T", ModelHolder(det, rules, 42), link, None, Metrics(), RunStats(),
-                 {"cam0": 0, "cam1": 1, "cam2": 2})
+    p = Pipeline(
+        settings,
+        "T",
+        ModelHolder(det, rules, 42),
+        link,
+        None,
+        Metrics(),
+        RunStats(),
+        {"cam0": 0, "cam1": 1, "cam2": 2},
+    )
     p.start()
     return p, link
 
@@ -199,9 +209,9 @@ async def test_overload_one_decision_per_frame_all_in_time(
     n = sum(sent.values())
     wait_until(lambda: len(plc.records) >= n, 5, "the server's record log")
     # The server's own log: exactly one record per frame, per camera in sequence order.
-    per_cam = collections.defaultdict(list)
-    for cam, seq, part, verdict in plc.records:
-        per_cam[cam].append((seq, part, verdict))
+    per_cam: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
+    for slot_, seq, part, verdict in plc.records:
+        per_cam[slot_].append((seq, part, verdict))
     for slot, cam in enumerate(("cam0", "cam1", "cam2")):
         got = per_cam[slot]
         assert len(got) == sent[cam], f"{cam}: {len(got)} records for {sent[cam]} frames"
@@ -214,6 +224,9 @@ async def test_overload_one_decision_per_frame_all_in_time(
     assert s["verdicts"].get("FAILSAFE_REJECT", 0) > 0, "overload must show as fail-safes"
     assert s["verdicts"].get("OK", 0) + s["verdicts"].get("DEFECT", 0) > 0
     assert set(s["failsafes"]) <= {
-        "overload", "queue_full", "queue_wait", "inference_timeout", "plc_retry"
+        "overload",
+        "queue_full",
+        "queue_wait",
+        "inference_timeout",
+        "plc_retry",
     }
-

@@ -1,4 +1,4 @@
-"""The deadline invariant, with an in-process detector and PLC link (real peers: test_deadline_modbus)."""
+"""The deadline invariant with in-process fakes (real peers: test_deadline_modbus.py)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,16 @@ BUDGET_MS = 120.0
 async def build(det: FakeDetector | None, link: FakeLink, **kw: object) -> Pipeline:
     settings = PipelineSettings(budget_ms=BUDGET_MS, failsafe_reserve_ms=20, **kw)  # type: ignore[arg-type]
     rules = DecisionRules(DecisionSettings(), det.info.classes) if det else None
-    edf = DeadlineOrderedLink(link)  # type: ignore[arg-type]
+    edf = DeadlineOrderedLink(link)
     await edf.start()
     p = Pipeline(
-        settings, "L1", ModelHolder(det, rules, 7), edf, None, Metrics(), RunStats(),
+        settings,
+        "L1",
+        ModelHolder(det, rules, 7),
+        edf,
+        None,
+        Metrics(),
+        RunStats(),
         {"cam0": 0, "cam1": 1},
     )
     p.start()
@@ -61,7 +67,7 @@ async def test_slow_model_gets_failsafe_before_deadline_and_late_result_is_dropp
     p.submit(make_frame("cam0", 1))
     assert await p.drain()
     # The real verdict arrives after the fail-safe: it must be counted and never written.
-    while p.stats.late_results == 0:
+    while p.stats.late_results == 0:  # noqa: ASYNC110 - polling a counter, bounded by the timeout
         await asyncio.sleep(0.01)
     await p.close()
     assert_invariant(link, 1)

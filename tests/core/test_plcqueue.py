@@ -18,7 +18,7 @@ def rec(slot: int, part: int) -> DecisionRecord:
 
 async def test_earliest_deadline_goes_first_and_sequences_follow_the_wire() -> None:
     link = FakeLink(delay_s=0.01)
-    edf = DeadlineOrderedLink(link)  # type: ignore[arg-type]
+    edf = DeadlineOrderedLink(link)
     await edf.start()
     now = time.monotonic_ns()
     busy = asyncio.create_task(edf.write_decision(rec(0, 1), now + 300 * MS))
@@ -33,9 +33,9 @@ async def test_earliest_deadline_goes_first_and_sequences_follow_the_wire() -> N
     assert all(r.outcome is WriteOutcome.ACKED for r in results)
 
 
-async def test_failed_write_does_not_consume_its_sequence_and_expired_requests_are_dropped() -> None:
+async def test_failed_write_keeps_its_sequence_and_expired_requests_are_dropped() -> None:
     link = FakeLink(fail_next=1)
-    edf = DeadlineOrderedLink(link)  # type: ignore[arg-type]
+    edf = DeadlineOrderedLink(link)
     await edf.start()
     now = time.monotonic_ns()
     failed = await edf.write_decision(rec(1, 7), now + 100 * MS)

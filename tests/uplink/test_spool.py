@@ -214,3 +214,51 @@ def test_quota_evicts_in_documented_order(tmp_path: Path) -> None:
     assert more[-1] in stored  # the newest defect is always kept
     assert spool.stats()["alarms"]  # usage above the alarm fraction is reported
     spool.close()
+
+
+def test_alarm_rises_on_unsent_data_long_before_eviction(tmp_path: Path) -> None:
+    s = settings(tmp_path, quota_mb=2.0, alarm_fraction=0.25,
+                 image={"format": "png", "png_compression": 0})
+    spool = Spool(s, "L1")
+    spool.open()
+    img = make_image(3, 200, 250)  # ~50 KB
+    for i in range(6):  # ~300 KB unsent: below the alarm
+        assert spool.submit(make_event("L1", "c", i, "DEFECT"), img)
+    assert spool.flush(10)
+    assert spool.alarms() == []
+    for i in range(6, 14):  # ~700 KB unsent: 1/3 of the quota, nowhere near eviction
+        assert spool.submit(make_event("L1", "c", i, "DEFECT"), img)
+    assert spool.flush(10)
+    st = spool.stats()
+    assert any("unsent data fills" in a for a in st["alarms"]), st["alarms"]
+    assert st["evicted"] == {"ok_images": 0, "sent": 0, "unsent_ok": 0, "defect": 0}
+    # Once delivered, the same bytes are expendable: the alarm clears.
+    ids = [int(str(r["id"])) for r in rows(s.spool_dir)]
+    spool.mark_events_sent(ids)
+    spool.mark_images_sent(ids)
+    assert spool.alarms() == []
+    spool.close()
+
+
+def test_sent_data_is_evicted_before_unsent_at_steady_state(tmp_path: Path) -> None:
+    s = settings(tmp_path, quota_mb=0.5, batch_max_events=100)
+    spool = Spool(s, "L1")
+    spool.open()
+    sent_ids: list[str] = []
+    for round_ in range(8):  # each round ~100 KB of events, the first 6 get delivered
+        batch = [make_event("L1", "c", round_ * 200 + i) for i in range(200)]
+        for ev in batch:
+            assert spool.submit(ev)
+        assert spool.flush(10)
+        if round_ < 6:
+            spool.mark_events_sent([int(str(r["id"])) for r in rows(s.spool_dir)
+                                    if r["sent_at"] is None])
+            sent_ids += [ev.event_id for ev in batch]
+        else:
+            unsent = [ev.event_id for ev in batch]
+            stored = {r["event_id"] for r in rows(s.spool_dir)}
+            assert set(unsent) <= stored  # nothing unsent was evicted
+    st = spool.stats()
+    assert st["bytes_used"] <= s.quota_bytes
+    assert st["evicted"]["sent"] > 0 and st["evicted"]["unsent_ok"] == 0
+    spool.close()
