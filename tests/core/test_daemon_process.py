@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record
+from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record, mbpoll_registers
 from tests.support import wait_until
 
 EDGE = [sys.executable, "-m", "edge"]
@@ -309,3 +311,41 @@ def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None
     assert report["ratio_daemon_infer_to_bare_p50"] > 0
     assert (out / "bench-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "daemon/bare p50" in r.stdout
+
+
+def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path
+) -> None:
+    images = tmp_path / "images"  # does not exist yet: the camera cannot open
+    config = line_yaml(tmp_path, plc.port, demo_package)
+    text = config.read_text().replace(str(DEMO_SAMPLES), str(images))
+    config.write_text(text.replace("loop: true", "loop: true\n  reopen_backoff_max_s: 0.5"))
+    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
+
+    def alarm_word() -> int:
+        return mbpoll_registers(plc.port, 101, 1)[0]
+
+    try:
+        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+        wait_until(lambda: alarm_word() & 1 == 1, 20, "CAMERA_DOWN bit in the PLC alarm word")
+        hb1 = mbpoll_registers(plc.port, 100, 1)[0]
+        wait_until(lambda: mbpoll_registers(plc.port, 100, 1)[0] != hb1, 5, "heartbeat moving")
+        port = d.event("daemon_ready")["http_port"]  # type: ignore[index]
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            raise AssertionError("healthz must be 503 while a camera is down")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+            health = json.load(exc)
+        assert health["components"]["camera:cam0"]["up"] is False
+        assert "CAMERA_DOWN" in health["alarms"]
+        # The camera comes back: frames flow, the alarm clears.
+        shutil.copytree(DEMO_SAMPLES, images)
+        wait_until(lambda: len(plc.records) >= 5, 30, "decisions after the camera recovered")
+        wait_until(lambda: alarm_word() & 1 == 0, 10, "CAMERA_DOWN cleared")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(5)
