@@ -27,7 +27,7 @@ from gi.repository import Aravis, Gio, GLib  # noqa: E402
 from camera.config import AravisCameraSettings, TriggeredMode  # noqa: E402
 from camera.counters import FrameIdUnwrapper  # noqa: E402
 from camera.frame import Frame  # noqa: E402
-from camera.nodes import Kind, NodeReport, Step, Value, apply, plan  # noqa: E402
+from camera.nodes import Kind, NodeReport, Step, Value, apply, describe, plan  # noqa: E402
 from camera.pixels import convert  # noqa: E402
 from camera.source import CameraConfigError, CameraError  # noqa: E402
 from camera.triggerq import TriggerQueue  # noqa: E402
@@ -120,6 +120,18 @@ class AravisNodes:
 
     def execute(self, name: str) -> None:
         self._node(name).execute()
+
+
+def describe_camera(address: str, interface_address: str | None = None) -> dict[str, Any]:
+    """Key nodes of the camera at ``address`` (unicast GVCP only, no discovery)."""
+    iface = interface_address or local_address_for(address)
+    try:
+        device = Aravis.GvDevice.new(
+            Gio.InetAddress.new_from_string(iface), Gio.InetAddress.new_from_string(address)
+        )
+    except GLib.Error as exc:
+        return {"address": address, "error": f"no answer from {address}: {exc.message}"}
+    return {"address": address, "nodes": describe(AravisNodes(device.get_genicam()))}
 
 
 class AravisSource:

@@ -28,7 +28,7 @@ from harvesters.core import Harvester, ImageAcquirer
 from camera.config import DeviceSelector, GenicamCameraSettings, TriggeredMode
 from camera.counters import FrameIdUnwrapper, TimestampUnwrapper
 from camera.frame import Frame
-from camera.nodes import Kind, NodeReport, Value, apply, plan
+from camera.nodes import Kind, NodeReport, Value, apply, describe, plan
 from camera.pixels import convert
 from camera.source import CameraConfigError, CameraError
 from camera.triggerq import TriggerQueue
@@ -107,6 +107,29 @@ def default_cti() -> Path | None:
         return None
     p = Path(genicam.__file__).parent / "TLSimu.cti"
     return p if p.is_file() else None
+
+
+def describe_devices(cti: list[Path], with_nodes: bool = True) -> list[dict[str, Any]]:
+    """Devices of a producer, each with its key nodes (opened briefly, read only)."""
+    prod = get_producer(cti)
+    with prod.lock:
+        if not prod.users:
+            prod.rescan()
+        devices = prod.devices()
+        for i, d in enumerate(devices):
+            d["nodes"] = {}
+            if not with_nodes:
+                continue
+            try:
+                ia = prod.harvester.create(i)
+            except Exception as exc:
+                d["error"] = f"cannot open ({type(exc).__name__}: {exc}); in use?"
+                continue
+            try:
+                d["nodes"] = describe(HarvestersNodes(ia.remote_device.node_map))
+            finally:
+                ia.destroy()
+    return devices
 
 
 def _info_dict(info: Any) -> dict[str, Any]:

@@ -140,6 +140,38 @@ def _check(acc: NodeAccess, name: str, value: Value) -> Value:
     raise ValueError(f"has type {kind} and cannot be set from a config value")
 
 
+check_value = _check
+
+
+KEY_NODES = (
+    "DeviceModelName", "DeviceSerialNumber", "Width", "Height", "OffsetX", "OffsetY",
+    "PixelFormat", "ExposureTime", "ExposureTimeAbs", "Gain", "GainRaw", "AcquisitionFrameRate",
+    "TriggerMode", "TriggerSource", "TriggerActivation", "GevSCPSPacketSize",
+)
+
+
+def describe(acc: NodeAccess, names: Sequence[str] = KEY_NODES) -> dict[str, str]:
+    """'value [range or choices]' for each node the device has (for ``edge camera list``)."""
+    out: dict[str, str] = {}
+    for name in names:
+        if not acc.has(name):
+            continue
+        try:
+            kind = acc.kind(name)
+            text = str(acc.get(name)) if kind != "command" else "(command)"
+            if kind in ("int", "float"):
+                lo, hi, inc = acc.bounds(name)
+                text += f"  [{_fmt(lo)}..{_fmt(hi)}" + (f" step {_fmt(inc)}]" if inc else "]")
+            elif kind == "enum":
+                text += f"  {{{', '.join(acc.choices(name))}}}"
+            if not acc.writable(name):
+                text += "  (read-only)"
+        except Exception as exc:  # a node that fails to read is reported, not fatal
+            text = f"(unreadable: {exc})"
+        out[name] = text
+    return out
+
+
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 

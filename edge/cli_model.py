@@ -24,25 +24,39 @@ from rich.progress import (
 )
 from rich.table import Table
 
-app = typer.Typer(help="Train, evaluate, gate, export and package YOLOv8-seg models.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Train, evaluate, gate, export and package YOLOv8-seg models.", no_args_is_help=True
+)
 console = Console(stderr=True)
 
 DEFAULT_CRITERIA = {"min_precision": 0.97, "min_recall": 0.95}
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 @contextmanager
 def _bars() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
     """A factory of progress bars: ``bar(label, total)`` returns an ``advance(n)`` callable."""
     with _progress() as prog:
+
         def make(label: str, total: int) -> Callable[[int], None]:
             task = prog.add_task(label, total=total)
-            return lambda n=1: prog.advance(task, n)
+
+            def advance(n: int = 1) -> None:
+                prog.advance(task, n)
+
+            return advance
+
         yield make
 
 
@@ -53,7 +67,9 @@ def _fail(msg: str, code: int = 2) -> typer.Exit:
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Option(help="Dataset directory to write (YOLO layout + data.yaml).")],
+    out: Annotated[
+        Path, typer.Option(help="Dataset directory to write (YOLO layout + data.yaml).")
+    ],
     n: Annotated[int, typer.Option("--n", help="Number of images.")] = 1500,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same images and labels.")] = 0,
     size: Annotated[int, typer.Option(help="Image width and height in pixels.")] = 256,
@@ -71,9 +87,13 @@ def synth(
 @app.command("convert-magnetic-tile")
 def convert_magnetic_tile(
     src: Annotated[Path, typer.Option(help="The magnetic-tile folder (MT_* class folders).")],
-    out: Annotated[Path, typer.Option(help="Where to write the YOLO data set (not inside the package).")],
+    out: Annotated[
+        Path, typer.Option(help="Where to write the YOLO data set (not inside the package).")
+    ],
     seed: Annotated[int, typer.Option(help="Seed of the group split.")] = 0,
-    gap: Annotated[int, typer.Option(help="A new tile group starts when num jumps by more than this.")] = 100,
+    gap: Annotated[
+        int, typer.Option(help="A new tile group starts when num jumps by more than this.")
+    ] = 100,
 ) -> None:
     """Convert magnetic-tile masks to YOLO-seg polygons, split 70/15/15 by tile group."""
     from models.datasets.magnetic_tile import convert
@@ -92,11 +112,17 @@ def train(
     data: Annotated[Path, typer.Option(help="data.yaml (or its directory).")],
     scale: Annotated[str, typer.Option(help="Network width: p (demo), n (yolov8n-seg), s.")] = "p",
     epochs: Annotated[int, typer.Option(help="Epochs (design default 50).")] = 50,
-    hours: Annotated[float | None, typer.Option(help="Wall-clock cap in hours; refits the epoch count.")] = None,
+    hours: Annotated[
+        float | None, typer.Option(help="Wall-clock cap in hours; refits the epoch count.")
+    ] = None,
     batch: Annotated[int, typer.Option(help="Batch size (design default 64).")] = 64,
-    lr0: Annotated[float, typer.Option(help="Initial learning rate (design default 0.00232).")] = 0.00232,
+    lr0: Annotated[
+        float, typer.Option(help="Initial learning rate (design default 0.00232).")
+    ] = 0.00232,
     imgsz: Annotated[int, typer.Option(help="Training image size (multiple of 32).")] = 256,
-    weights: Annotated[Path | None, typer.Option(help="Start from this .pt instead of from scratch.")] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Start from this .pt instead of from scratch.")
+    ] = None,
     project: Annotated[Path, typer.Option(help="Runs directory.")] = Path("var/runs"),
     name: Annotated[str, typer.Option(help="Run name (a folder under --project).")] = "train",
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
@@ -104,24 +130,51 @@ def train(
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
     close_mosaic: Annotated[int, typer.Option(help="Turn mosaic off for the last N epochs.")] = 10,
     warmup_epochs: Annotated[float, typer.Option(help="Learning-rate warm-up epochs.")] = 3.0,
-    val: Annotated[bool, typer.Option("--val/--no-val", help="Validate every epoch (off: only at the end).")] = True,
+    val: Annotated[
+        bool, typer.Option("--val/--no-val", help="Validate every epoch (off: only at the end).")
+    ] = True,
 ) -> None:
     """Train a YOLOv8-seg model from scratch (or from --weights) on a data set."""
+    from pydantic import ValidationError
+
     from models.training.recipe import TrainRecipe
     from models.training.train import train as run_train
 
-    if scale not in ("p", "n", "s"):
-        raise _fail(f"--scale {scale!r}: choose p, n or s")
-    recipe = TrainRecipe(data=data, scale=scale, epochs=epochs, hours=hours, batch=batch, lr0=lr0,  # type: ignore[arg-type]
-                         imgsz=imgsz, weights=weights, project=project, name=name, seed=seed,
-                         workers=workers, threads=threads, close_mosaic=close_mosaic,
-                         warmup_epochs=warmup_epochs, val=val)
+    fields = {
+        "data": data,
+        "scale": scale,
+        "epochs": epochs,
+        "hours": hours,
+        "batch": batch,
+        "lr0": lr0,
+        "imgsz": imgsz,
+        "weights": weights,
+        "project": project,
+        "name": name,
+        "seed": seed,
+        "workers": workers,
+        "threads": threads,
+        "close_mosaic": close_mosaic,
+        "warmup_epochs": warmup_epochs,
+        "val": val,
+    }
+    try:
+        recipe = TrainRecipe.model_validate(fields)
+    except ValidationError as e:
+        raise _fail(f"bad training options:\n{e}") from e
     with _progress() as prog:
         task = prog.add_task("train", total=epochs)
 
         def on_epoch(done: int, planned: int, metrics: dict[str, float]) -> None:
             m50 = metrics.get("metrics/mAP50(B)")
-            desc = f"train box mAP50 {m50:.3f}" if m50 is not None else "train"
+            loss = metrics.get("train/loss")
+            desc = (
+                f"train box mAP50 {m50:.3f}"
+                if m50 is not None
+                else f"train loss {loss:.3f}"
+                if loss is not None
+                else "train"
+            )
             prog.update(task, completed=done, total=max(planned, done), description=desc)
 
         result = run_train(recipe, on_epoch)
@@ -148,8 +201,12 @@ def export(
 def _criteria(min_precision: float, min_recall: float, min_defects: int, min_ok: int) -> Any:
     from models.training.gate import GateCriteria
 
-    return GateCriteria(min_precision=min_precision, min_recall=min_recall,
-                        min_defect_images=min_defects, min_ok_images=min_ok)
+    return GateCriteria(
+        min_precision=min_precision,
+        min_recall=min_recall,
+        min_defect_images=min_defects,
+        min_ok_images=min_ok,
+    )
 
 
 def _print_report(report: Any) -> None:
@@ -157,19 +214,30 @@ def _print_report(report: Any) -> None:
     for col in ("split", "box mAP50", "box mAP50-95", "mask mAP50", "mask mAP50-95"):
         t.add_column(col)
     for split, m in report.detection.items():
-        t.add_row(split, *(f"{m[k]:.4f}" for k in ("box_map50", "box_map50_95", "mask_map50", "mask_map50_95")))
+        t.add_row(
+            split,
+            *(f"{m[k]:.4f}" for k in ("box_map50", "box_map50_95", "mask_map50", "mask_map50_95")),
+        )
     if report.detection:
         console.print(t)
     if report.operating_point:
         op, tp = report.operating_point, report.test_point
-        console.print(f"operating point (chosen on {op['split']}, recall target {op['recall_target']}): "
-                      f"threshold {op['threshold']:.4f}  precision {op['precision']:.4f}  recall {op['recall']:.4f}")
-        console.print(f"on {tp['split']}: precision {tp['precision']:.4f}  recall {tp['recall']:.4f}  "
-                      f"(tp {tp['tp']} fp {tp['fp']} fn {tp['fn']} tn {tp['tn']})")
+        console.print(
+            f"operating point (chosen on {op['split']}, recall target {op['recall_target']}): "
+            f"threshold {op['threshold']:.4f}  precision {op['precision']:.4f}  "
+            f"recall {op['recall']:.4f}"
+        )
+        console.print(
+            f"on {tp['split']}: precision {tp['precision']:.4f}  recall {tp['recall']:.4f}  "
+            f"(tp {tp['tp']} fp {tp['fp']} fn {tp['fn']} tn {tp['tn']})"
+        )
     if report.gate:
         g = report.gate
-        console.print("[green]gate: PASSED[/green]" if g["passed"] else
-                      "[red]gate: REFUSED[/red] " + "; ".join(g["reasons"]))
+        console.print(
+            "[green]gate: PASSED[/green]"
+            if g["passed"]
+            else "[red]gate: REFUSED[/red] " + "; ".join(g["reasons"])
+        )
 
 
 @app.command()
@@ -177,8 +245,12 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="ONNX file or model package directory.")],
     data: Annotated[Path, typer.Option(help="data.yaml (or its directory).")],
     out: Annotated[Path, typer.Option(help="Evaluation report (JSON) to write.")],
-    recall_target: Annotated[float, typer.Option(help="Image-level recall the threshold must reach on val.")] = 0.95,
-    min_precision: Annotated[float, typer.Option(help="Gate: minimum image precision on test.")] = 0.97,
+    recall_target: Annotated[
+        float, typer.Option(help="Image-level recall the threshold must reach on val.")
+    ] = 0.95,
+    min_precision: Annotated[
+        float, typer.Option(help="Gate: minimum image precision on test.")
+    ] = 0.97,
     min_recall: Annotated[float, typer.Option(help="Gate: minimum image recall on test.")] = 0.95,
     min_defects: Annotated[int, typer.Option(help="Gate: minimum held-out defect images.")] = 20,
     min_ok: Annotated[int, typer.Option(help="Gate: minimum held-out OK images.")] = 20,
@@ -191,7 +263,9 @@ def evaluate(
 
     try:
         with _bars() as bar:
-            report = run_eval(model, data, floor=floor, with_map=not no_map, threads=threads, progress=bar)
+            report = run_eval(
+                model, data, floor=floor, with_map=not no_map, threads=threads, progress=bar
+            )
         report.choose(recall_target, _criteria(min_precision, min_recall, min_defects, min_ok))
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from e
@@ -203,7 +277,9 @@ def evaluate(
 @app.command("choose-threshold")
 def choose_threshold(
     eval_report: Annotated[Path, typer.Option("--eval", help="Report from `edge model evaluate`.")],
-    recall_target: Annotated[float, typer.Option(help="Image-level recall to reach on the split.")] = 0.95,
+    recall_target: Annotated[
+        float, typer.Option(help="Image-level recall to reach on the split.")
+    ] = 0.95,
     split: Annotated[str, typer.Option(help="Split to choose on.")] = "val",
 ) -> None:
     """Re-choose the score threshold on an existing report (and re-gate with its criteria)."""
@@ -235,8 +311,11 @@ def gate(
     if report.operating_point is None:
         raise _fail("the report has no operating point: run `edge model choose-threshold` first")
     recall_target = float(report.operating_point["recall_target"])
-    report.choose(recall_target, _criteria(min_precision, min_recall, min_defects, min_ok),
-                  choose_on=str(report.operating_point["split"]))
+    report.choose(
+        recall_target,
+        _criteria(min_precision, min_recall, min_defects, min_ok),
+        choose_on=str(report.operating_point["split"]),
+    )
     report.save(eval_report)
     _print_report(report)
     if not report.gate or not report.gate["passed"]:
@@ -250,13 +329,24 @@ def package(
     name: Annotated[str, typer.Option(help="Model name.")],
     version: Annotated[str, typer.Option(help="Model version.")],
     plc_model_id: Annotated[int, typer.Option(help="Numeric id the PLC sees (0..65535).")],
-    eval_report: Annotated[Path | None, typer.Option("--eval", help="Report from `edge model evaluate`.")] = None,
-    data: Annotated[Path | None, typer.Option(help="data.yaml for the class names (default: the report's).")] = None,
-    training_json: Annotated[Path | None, typer.Option(help="JSON merged into the manifest's 'training'.")] = None,
-    no_gate: Annotated[bool, typer.Option("--no-gate", help="Package although the gate did not pass (marked in the manifest).")] = False,
+    eval_report: Annotated[
+        Path | None, typer.Option("--eval", help="Report from `edge model evaluate`.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="data.yaml for the class names (default: the report's).")
+    ] = None,
+    training_json: Annotated[
+        Path | None, typer.Option(help="JSON merged into the manifest's 'training'.")
+    ] = None,
+    no_gate: Annotated[
+        bool,
+        typer.Option(
+            "--no-gate", help="Package although the gate did not pass (marked in the manifest)."
+        ),
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing package directory.")] = False,
 ) -> None:
-    """Write a model package (model + manifest with metrics and thresholds); refuses gated-out models."""
+    """Write a model package (model + manifest with metrics, thresholds); refuses gated-out ones."""
     from models.datasets.yolo import class_names, load_data_yaml
     from models.training.evaluate import EvalReport
     from models.training.packaging import PromotionRefused, package_model
@@ -269,9 +359,18 @@ def package(
     training: dict[str, Any] = json.loads(training_json.read_text()) if training_json else {}
     training.setdefault("data", str(data_path))
     try:
-        path = package_model(model, out, report=report, name=name, version=version,
-                             plc_model_id=plc_model_id, classes=class_names(load_data_yaml(data_path)),
-                             training=training, require_gate=not no_gate, overwrite=overwrite)
+        path = package_model(
+            model,
+            out,
+            report=report,
+            name=name,
+            version=version,
+            plc_model_id=plc_model_id,
+            classes=class_names(load_data_yaml(data_path)),
+            training=training,
+            require_gate=not no_gate,
+            overwrite=overwrite,
+        )
     except PromotionRefused as e:
         raise _fail(str(e), code=1) from e
     except (ModelPackageError, FileNotFoundError, ValueError) as e:
@@ -282,10 +381,16 @@ def package(
 @app.command("build-engine")
 def build_engine(
     package_dir: Annotated[Path, typer.Option("--package", help="Model package directory.")],
-    out: Annotated[Path | None, typer.Option(help="Engine file (default: the runtime's cache path).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Engine file (default: the runtime's cache path).")
+    ] = None,
     precision: Annotated[str, typer.Option(help="fp16, int8 or fp32.")] = "fp16",
-    calibration_images: Annotated[Path | None, typer.Option(help="Images for INT8 calibration.")] = None,
-    calibration_cache: Annotated[Path | None, typer.Option(help="INT8 calibration cache (read or written).")] = None,
+    calibration_images: Annotated[
+        Path | None, typer.Option(help="Images for INT8 calibration.")
+    ] = None,
+    calibration_cache: Annotated[
+        Path | None, typer.Option(help="INT8 calibration cache (read or written).")
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch the engine serves.")] = 1,
 ) -> None:
     """Build a TensorRT engine for a package on this machine's GPU."""
@@ -295,12 +400,20 @@ def build_engine(
         raise _fail(f"--precision {precision!r}: choose fp16, int8 or fp32")
     prec: Literal["fp16", "int8", "fp32"] = precision  # type: ignore[assignment]
     try:
-        path = build(package_dir, out, precision=prec, calibration_images=calibration_images,
-                     calibration_cache=calibration_cache, max_batch=max_batch)
+        path = build(
+            package_dir,
+            out,
+            precision=prec,
+            calibration_images=calibration_images,
+            calibration_cache=calibration_cache,
+            max_batch=max_batch,
+        )
     except Exception as e:  # TensorRT/driver errors are untyped; report them plainly
         raise _fail(f"{type(e).__name__}: {e}") from e
     console.print(f"wrote engine {path}")
 
 
-if __name__ == "__main__":  # `python -m edge.cli_model ...` works before the lead mounts `edge model`
+if (
+    __name__ == "__main__"
+):  # `python -m edge.cli_model ...` works before the lead mounts `edge model`
     app()

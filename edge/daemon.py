@@ -316,6 +316,8 @@ class Daemon:
                 elif not p.model_up and self.components["model"].up:
                     self._set("model", False, "inference errors")
                 self.metrics.queue_depth.set(p.queue_depth)
+            if self.plc is not None:
+                self.metrics.plc_pending.set(self.plc.pending)
             if self.spool is not None and self.components["spool"].detail != "starting":
                 await self._poll_spool()
             # The loop itself is alive if we got here; a wedged loop stops the pings and

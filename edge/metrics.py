@@ -82,6 +82,11 @@ class Metrics:
         )
         self.queue_depth = Gauge("edge_queue_depth", "Frames waiting for inference.", registry=r)
         self.inflight = Gauge("edge_inflight_frames", "Frames not yet decided.", registry=r)
+        self.plc_pending = Gauge(
+            "edge_plc_pending_requests",
+            "PLC requests waiting for the connection (EDF queue).",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "edge_batch_size",
             "Frames per inference batch.",

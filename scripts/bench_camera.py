@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the camera layer alone: harvesters + TLSimu -> GenicamSource -> CameraWorker -> callback.
+"""Benchmark the camera layer alone: harvesters+TLSimu -> GenicamSource -> CameraWorker -> callback.
 
 Reports, for a free-running camera at the given size (default 1280x1024 Mono8):
   * sustained frames/s delivered to the callback (bounded by the simulator's own rate);
@@ -29,10 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from camera.config import GenicamCameraSettings  # noqa: E402
-from camera.frame import Frame  # noqa: E402
-from camera.genicam import GenicamSource, default_cti, release_producers  # noqa: E402
-from camera.worker import CameraWorker  # noqa: E402
+from camera.config import GenicamCameraSettings
+from camera.frame import Frame
+from camera.genicam import GenicamSource, default_cti, release_producers
+from camera.worker import CameraWorker
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "frames_per_s": round(frames / elapsed, 1),
         "missed": st["missed"],
         "camera_thread_cpu_ms_per_frame": round(cpu_per_frame_ms, 3),
-        "camera_thread_capacity_fps": round(1e3 / cpu_per_frame_ms, 0) if cpu_per_frame_ms else None,
+        "camera_thread_capacity_fps": (
+            round(1e3 / cpu_per_frame_ms, 0) if cpu_per_frame_ms else None
+        ),
         "latency_ms": {
             name: {"p50": round(pct(xs, 50), 3), "p99": round(pct(xs, 99), 3),
                    "max": round(max(xs), 3) if xs else None, "n": len(xs)}

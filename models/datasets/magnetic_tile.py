@@ -89,7 +89,9 @@ def tile_groups(nums: list[int], gap: int) -> list[int]:
     return group
 
 
-def mask_instances(mask_path: Path, class_id: int, min_area_px: int = 4) -> tuple[list[Instance], np.ndarray]:
+def mask_instances(
+    mask_path: Path, class_id: int, min_area_px: int = 4
+) -> tuple[list[Instance], np.ndarray]:
     m = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
     if m is None:
         raise ValueError(f"{mask_path}: unreadable mask")
@@ -117,7 +119,7 @@ def convert(
         if cls is None:
             labelled.append((it, [], g))
             continue
-        inst, binary = mask_instances(it.mask, CLASSES.index(cls))
+        inst, _ = mask_instances(it.mask, CLASSES.index(cls))
         if not inst:
             # The folder says defective but the mask is empty: the truth is unknown, leave it out.
             skipped.append(f"{it.folder}/{it.image.name}")
@@ -141,7 +143,10 @@ def convert(
         img_dir.mkdir(parents=True, exist_ok=True)
         lbl_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(it.image, img_dir / f"{stem}.jpg")  # original bytes: no recompression
-        h, w = cv2.imread(str(it.image), cv2.IMREAD_GRAYSCALE).shape[:2]
+        img = cv2.imread(str(it.image), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise ValueError(f"{it.image}: unreadable image")
+        h, w = img.shape[:2]
         lines = []
         for i in inst:
             p = i.polygon.astype(np.float64)
@@ -170,6 +175,12 @@ def convert(
         "split_of_group": {str(k): v for k, v in split_of.items()},
     }
     write_json(out / "split.json", summary)
-    write_data_yaml(out, CLASSES, {"source": "magnetic-tile (Huang et al. 2020); research use, not redistributed"})
-    log.info("magnetic_tile.converted", out=str(out), groups=summary["groups"], skipped=len(skipped))
+    write_data_yaml(
+        out,
+        CLASSES,
+        {"source": "magnetic-tile (Huang et al. 2020); research use, not redistributed"},
+    )
+    log.info(
+        "magnetic_tile.converted", out=str(out), groups=summary["groups"], skipped=len(skipped)
+    )
     return summary

@@ -47,7 +47,9 @@ def mask_to_polygons(
         if len(approx) < 3:
             # 1- or 2-pixel blobs: describe them by their bounding square so they stay labelled.
             x, y, w, h = cv2.boundingRect(c)
-            approx = np.array([[[x, y]], [[x + w - 1, y]], [[x + w - 1, y + h - 1]], [[x, y + h - 1]]])
+            approx = np.array(
+                [[[x, y]], [[x + w - 1, y]], [[x + w - 1, y + h - 1]], [[x, y + h - 1]]]
+            )
         polys.append(approx.reshape(-1, 2).astype(np.float32))
     return polys
 
@@ -103,7 +105,9 @@ def write_sample(
     (lbl_dir / f"{stem}.txt").write_text(text + ("\n" if text else ""))
 
 
-def write_data_yaml(root: Path, names: Sequence[str], extra: Mapping[str, object] | None = None) -> Path:
+def write_data_yaml(
+    root: Path, names: Sequence[str], extra: Mapping[str, object] | None = None
+) -> Path:
     """The ``data.yaml`` ultralytics reads; absolute path so runs work from any cwd."""
     doc: dict[str, object] = {
         "path": str(root.resolve()),
@@ -126,8 +130,8 @@ def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, in
     """Sizes of train/val/test for ``n`` items; val and test get at least one item when n >= 3."""
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
-    n_val = int(round(n * fractions[1]))
-    n_test = int(round(n * fractions[2]))
+    n_val = round(n * fractions[1])
+    n_test = round(n * fractions[2])
     if n >= 3:
         n_val, n_test = max(n_val, 1), max(n_test, 1)
     return n - n_val - n_test, n_val, n_test
@@ -152,8 +156,10 @@ def load_data_yaml(path: Path) -> dict[str, object]:
     if path.is_dir():
         path = path / "data.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no data.yaml; generate one with `edge model synth` "
-                                "or `edge model convert-magnetic-tile`")
+        raise FileNotFoundError(
+            f"{path}: no data.yaml; generate one with `edge model synth` "
+            "or `edge model convert-magnetic-tile`"
+        )
     doc = YAML(typ="safe", pure=True).load(path.read_text())
     if not isinstance(doc, dict) or "names" not in doc:
         raise ValueError(f"{path}: not a YOLO data.yaml (no 'names')")

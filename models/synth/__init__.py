@@ -1,4 +1,4 @@
-"""Procedural synthetic defect images (the seed design rendered them in Blender; numpy+OpenCV here)."""
+"""Procedural synthetic defect images (the seed design used Blender; numpy + OpenCV here)."""
 
 from models.synth.generator import CLASSES, SynthConfig, SynthSample, generate_sample
 from models.synth.writer import write_dataset

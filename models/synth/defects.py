@@ -46,8 +46,10 @@ def scratch(rng: np.random.Generator, img: np.ndarray, allowed: np.ndarray, s: f
     mid = (p0 + p2) / 2 + bend * np.array([-np.sin(a), np.cos(a)])
     pts = _bezier(p0, mid, p2, 40)
     layer = np.zeros((h, w), np.float32)
-    thick = max(2, int(round(rng.uniform(1.6, 3.2) * s)))
-    cv2.polylines(layer, [np.round(pts).astype(np.int32).reshape(-1, 1, 2)], False, 1.0, thick, cv2.LINE_AA)
+    thick = max(2, round(rng.uniform(1.6, 3.2) * s))
+    cv2.polylines(
+        layer, [np.round(pts).astype(np.int32).reshape(-1, 1, 2)], False, 1.0, thick, cv2.LINE_AA
+    )
     layer *= allowed
     # Scratches fade along their length where the tool lifted.
     fade = np.clip(fractal_noise(rng, h, w, 30) * 0.4 + 0.85, 0.55, 1.0)
@@ -63,14 +65,17 @@ def pit(rng: np.random.Generator, img: np.ndarray, allowed: np.ndarray, s: float
     c = _point_in(rng, allowed, int(r + 2))
     if c is None:
         return np.zeros((h, w), bool)
-    axes = (max(2, int(round(r * rng.uniform(0.75, 1.25)))), max(2, int(round(r * rng.uniform(0.75, 1.25)))))
+    axes = (
+        max(2, round(r * rng.uniform(0.75, 1.25))),
+        max(2, round(r * rng.uniform(0.75, 1.25))),
+    )
     core = np.zeros((h, w), np.float32)
     cv2.ellipse(core, c, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1, cv2.LINE_AA)
     dark = cv2.GaussianBlur(core, (0, 0), 0.8)
     img -= dark * rng.uniform(45, 95)
     # Rim highlight offset towards the light.
     a = rng.uniform(0, 2 * np.pi)
-    shift = np.float32([[1, 0, np.cos(a) * 1.5 * s], [0, 1, np.sin(a) * 1.5 * s]])
+    shift = np.array([[1, 0, np.cos(a) * 1.5 * s], [0, 1, np.sin(a) * 1.5 * s]], np.float32)
     rim = cv2.warpAffine(core, shift, (w, h)) - core
     img += np.clip(rim, 0, 1) * rng.uniform(15, 40)
     return core > 0.5
@@ -83,7 +88,7 @@ def crack(rng: np.random.Generator, img: np.ndarray, allowed: np.ndarray, s: flo
     if start is None:
         return np.zeros((h, w), bool)
     layer = np.zeros((h, w), np.float32)
-    thick = max(2, int(round(rng.uniform(1.5, 2.6) * s)))
+    thick = max(2, round(rng.uniform(1.5, 2.6) * s))
 
     def walk(p: np.ndarray, heading: float, steps: int) -> list[np.ndarray]:
         pts = [p.copy()]
@@ -98,7 +103,13 @@ def crack(rng: np.random.Generator, img: np.ndarray, allowed: np.ndarray, s: flo
     branches = [main]
     if rng.random() < 0.5:
         j = int(rng.integers(len(main) // 3, max(len(main) // 3 + 1, len(main) - 2)))
-        branches.append(walk(main[j], heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), int(rng.integers(5, 14))))
+        branches.append(
+            walk(
+                main[j],
+                heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2),
+                int(rng.integers(5, 14)),
+            )
+        )
     for br in branches:
         pts = np.round(np.array(br)).astype(np.int32).reshape(-1, 1, 2)
         cv2.polylines(layer, [pts], False, 1.0, thick, cv2.LINE_AA)
@@ -117,7 +128,12 @@ def stain(rng: np.random.Generator, img: np.ndarray, allowed: np.ndarray, s: flo
     if c is None:
         return np.zeros((h, w), bool)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    d = np.sqrt(((xx - c[0]) / rng.uniform(0.7, 1.3)) ** 2 + ((yy - c[1]) / rng.uniform(0.7, 1.3)) ** 2) / r
+    d = (
+        np.sqrt(
+            ((xx - c[0]) / rng.uniform(0.7, 1.3)) ** 2 + ((yy - c[1]) / rng.uniform(0.7, 1.3)) ** 2
+        )
+        / r
+    )
     field = 1.0 - d + fractal_noise(rng, h, w, max(r / 2, 4.0), octaves=3) * 0.35
     mask = ((field > 0) & (allowed > 0)).astype(np.uint8)
     # Keep the biggest piece so one stain is one instance.

@@ -63,7 +63,9 @@ def generate_sample(seed: int, index: int, cfg: SynthConfig | None = None) -> Sy
     add_benign_marks(rng, img, part)
     weights = np.asarray(cfg.class_weights, np.float64)
     weights = weights / weights.sum()
-    n_defects = int(rng.integers(1, cfg.max_defects + 1)) if rng.random() < cfg.defect_fraction else 0
+    n_defects = (
+        int(rng.integers(1, cfg.max_defects + 1)) if rng.random() < cfg.defect_fraction else 0
+    )
     # Defects sit on the part, away from its edge (the chamfer highlight is not a defect).
     allowed = part.copy()
     if allowed.min() == 0:
@@ -86,5 +88,6 @@ def generate_sample(seed: int, index: int, cfg: SynthConfig | None = None) -> Sy
         instances.extend(Instance(cls, p) for p in polys)
         owner.extend([len(masks) - 1] * len(polys))
     out = finish(rng, img)
-    return SynthSample(out, instances, masks, classes, material, owner, {"seed": seed, "index": index})
-
+    return SynthSample(
+        out, instances, masks, classes, material, owner, {"seed": seed, "index": index}
+    )

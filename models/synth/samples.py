@@ -13,7 +13,9 @@ SAMPLE_SEED = 90210
 """Distinct from every training seed, so the demo shows held-out parts."""
 
 
-def write_samples(out: Path, n: int = 12, *, seed: int = SAMPLE_SEED, size: int = 256) -> list[Path]:
+def write_samples(
+    out: Path, n: int = 12, *, seed: int = SAMPLE_SEED, size: int = 256
+) -> list[Path]:
     """Write ``n`` PNGs alternating OK and DEFECT parts plus ``samples.json`` with the truth."""
     out.mkdir(parents=True, exist_ok=True)
     ok_cfg = SynthConfig(width=size, height=size, defect_fraction=0.0)
@@ -29,8 +31,12 @@ def write_samples(out: Path, n: int = 12, *, seed: int = SAMPLE_SEED, size: int 
             raise OSError(f"could not write {path}")
         truth[name] = sorted({CLASSES[c] for c in s.mask_classes})
         paths.append(path)
-    (out / "samples.json").write_text(json.dumps(
-        {"generator": "models.synth", "seed": seed, "size": size, "defects": truth}, indent=2) + "\n")
+    (out / "samples.json").write_text(
+        json.dumps(
+            {"generator": "models.synth", "seed": seed, "size": size, "defects": truth}, indent=2
+        )
+        + "\n"
+    )
     return paths
 
 

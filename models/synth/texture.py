@@ -18,7 +18,9 @@ def value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.nda
     return big[:h, :w]
 
 
-def fractal_noise(rng: np.random.Generator, h: int, w: int, base_cell: float, octaves: int = 4) -> np.ndarray:
+def fractal_noise(
+    rng: np.random.Generator, h: int, w: int, base_cell: float, octaves: int = 4
+) -> np.ndarray:
     out = np.zeros((h, w), np.float32)
     amp, cell, total = 1.0, base_cell, 0.0
     for _ in range(octaves):
@@ -29,10 +31,12 @@ def fractal_noise(rng: np.random.Generator, h: int, w: int, base_cell: float, oc
     return out / total
 
 
-def directional_noise(rng: np.random.Generator, h: int, w: int, angle_deg: float, length: float) -> np.ndarray:
+def directional_noise(
+    rng: np.random.Generator, h: int, w: int, angle_deg: float, length: float
+) -> np.ndarray:
     """Brushed/ground metal: noise smeared along one direction."""
     side = int(np.ceil(np.hypot(h, w))) + 4
-    n = rng.standard_normal((side, side)).astype(np.float32)
+    n: np.ndarray = rng.standard_normal((side, side)).astype(np.float32)
     n = cv2.GaussianBlur(n, (0, 0), sigmaX=length, sigmaY=0.7)
     m = cv2.getRotationMatrix2D((side / 2, side / 2), angle_deg, 1.0)
     n = cv2.warpAffine(n, m, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
@@ -93,7 +97,9 @@ def render_surface(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
     material = str(rng.choice(["brushed", "turned", "ceramic", "cast"]))
     base = rng.uniform(95, 175)
     if material == "brushed":
-        tex = directional_noise(rng, h, w, rng.uniform(0, 180), rng.uniform(6, 30)) * rng.uniform(5, 12)
+        tex = directional_noise(rng, h, w, rng.uniform(0, 180), rng.uniform(6, 30)) * rng.uniform(
+            5, 12
+        )
         tex += fractal_noise(rng, h, w, 64) * rng.uniform(3, 8)
     elif material == "turned":
         tex = turning_marks(rng, h, w) * rng.uniform(3, 8)
@@ -113,7 +119,9 @@ def render_surface(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
     img = img * soft + bg * (1 - soft)
     # A bright chamfer highlight along the part edge, as under a ring light.
     if part.min() == 0:
-        edge = cv2.morphologyEx(part, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(np.float32)
+        edge = cv2.morphologyEx(part, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(
+            np.float32
+        )
         img += cv2.GaussianBlur(edge, (0, 0), 1.0) * rng.uniform(20, 60)
     return img.astype(np.float32), part, material
 

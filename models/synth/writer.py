@@ -34,8 +34,9 @@ def write_dataset(
     out.mkdir(parents=True, exist_ok=True)
     stems = [f"synth_{seed}_{i:06d}" for i in range(n_images)]
     split_of = assign_splits(stems, fractions, seed)
-    counts: dict[str, dict[str, int]] = {s: {"images": 0, "ok": 0, **dict.fromkeys(CLASSES, 0)}
-                                         for s in ("train", "val", "test")}
+    counts: dict[str, dict[str, int]] = {
+        s: {"images": 0, "ok": 0, **dict.fromkeys(CLASSES, 0)} for s in ("train", "val", "test")
+    }
     t0 = time.perf_counter()
     for i, stem in enumerate(stems):
         sample = generate_sample(seed, i, cfg)
@@ -48,14 +49,17 @@ def write_dataset(
             c[CLASSES[cls]] += 1
         if progress:
             progress(1)
-    write_json(out / "synth.json", {
-        "generator": "models.synth",
-        "seed": seed,
-        "n_images": n_images,
-        "config": cfg.model_dump(mode="json"),
-        "fractions": list(fractions),
-        "counts": counts,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "numpy": np.__version__,
-    })
+    write_json(
+        out / "synth.json",
+        {
+            "generator": "models.synth",
+            "seed": seed,
+            "n_images": n_images,
+            "config": cfg.model_dump(mode="json"),
+            "fractions": list(fractions),
+            "counts": counts,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "numpy": np.__version__,
+        },
+    )
     return write_data_yaml(out, CLASSES, {"synthetic": True, "seed": seed})

@@ -24,9 +24,13 @@ def build(
 ) -> Path:
     from models.tensorrt_runtime import build_engine_for_package
 
-    trt = TensorRTSettings(engine_path=out, precision=precision,
-                           calibration_images=calibration_images,
-                           calibration_cache=calibration_cache)
-    settings = ModelSettings(package=package_dir, runtime="tensorrt", max_batch=max_batch,
-                             tensorrt=trt)
+    trt = TensorRTSettings(
+        engine_path=out,
+        precision=precision,
+        calibration_images=calibration_images,
+        calibration_cache=calibration_cache,
+    )
+    settings = ModelSettings(
+        package=package_dir, runtime="tensorrt", max_batch=max_batch, tensorrt=trt
+    )
     return build_engine_for_package(load_package(package_dir), settings)

@@ -46,13 +46,21 @@ class ImageScores:
     top_class: list[str | None] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"files": self.files, "scores": [round(float(s), 6) for s in self.scores],
-                "defect": [bool(d) for d in self.defect], "top_class": self.top_class}
+        return {
+            "files": self.files,
+            "scores": [round(float(s), 6) for s in self.scores],
+            "defect": [bool(d) for d in self.defect],
+            "top_class": self.top_class,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ImageScores:
-        return cls(list(d["files"]), np.asarray(d["scores"], np.float64),
-                   np.asarray(d["defect"], bool), list(d.get("top_class", [])))
+        return cls(
+            list(d["files"]),
+            np.asarray(d["scores"], np.float64),
+            np.asarray(d["defect"], bool),
+            list(d.get("top_class", [])),
+        )
 
 
 def onnx_input_hw(model: Path) -> tuple[int, int]:
@@ -63,7 +71,9 @@ def onnx_input_hw(model: Path) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
-def image_score(dets: Sequence[Detection], min_area_px: Mapping[str, int]) -> tuple[float, str | None]:
+def image_score(
+    dets: Sequence[Detection], min_area_px: Mapping[str, int]
+) -> tuple[float, str | None]:
     """The image's decisive score: best detection that is large enough to count."""
     best, cls = 0.0, None
     for d in dets:
@@ -82,8 +92,13 @@ def score_images(
     progress: Progress | None = None,
 ) -> ImageScores:
     """Run the appliance runtime over ``images``; truth = the image's label file is non-empty."""
-    settings = ModelSettings(package=package_dir, runtime="onnxruntime", intra_op_threads=threads,
-                             conf_threshold=floor, warmup_runs=1)
+    settings = ModelSettings(
+        package=package_dir,
+        runtime="onnxruntime",
+        intra_op_threads=threads,
+        conf_threshold=floor,
+        warmup_runs=1,
+    )
     det = load_detector(settings)
     scores, truth, files, tops = [], [], [], []
     try:
@@ -112,12 +127,26 @@ def detection_metrics(model: Path, data: Path, split: str, imgsz: int) -> dict[s
     ultra_env.prepare()
     yolo = ultra_env.yolo(model)
     with tempfile.TemporaryDirectory(prefix="edge-val-") as tmp:
-        m = yolo.val(data=str(data), split=split, imgsz=imgsz, batch=1, device="cpu", plots=False,
-                     save_json=False, project=tmp, name="val", verbose=False, workers=0)
+        m = yolo.val(
+            data=str(data),
+            split=split,
+            imgsz=imgsz,
+            batch=1,
+            device="cpu",
+            plots=False,
+            save_json=False,
+            project=tmp,
+            name="val",
+            verbose=False,
+            workers=0,
+        )
     out = {
-        "box_map50": float(m.box.map50), "box_map50_95": float(m.box.map),
-        "mask_map50": float(m.seg.map50), "mask_map50_95": float(m.seg.map),
-        "box_precision": float(m.box.mp), "box_recall": float(m.box.mr),
+        "box_map50": float(m.box.map50),
+        "box_map50_95": float(m.box.map),
+        "mask_map50": float(m.seg.map50),
+        "mask_map50_95": float(m.seg.map),
+        "box_precision": float(m.box.mp),
+        "box_recall": float(m.box.mr),
     }
     names = m.names
     for i, ci in enumerate(m.box.ap_class_index):
@@ -126,13 +155,28 @@ def detection_metrics(model: Path, data: Path, split: str, imgsz: int) -> dict[s
     return out
 
 
-def provisional_package(model: Path, data: Path, out: Path, *, name: str = "candidate",
-                        version: str = "0", floor: float = DEFAULT_FLOOR) -> Path:
+def provisional_package(
+    model: Path,
+    data: Path,
+    out: Path,
+    *,
+    name: str = "candidate",
+    version: str = "0",
+    floor: float = DEFAULT_FLOOR,
+) -> Path:
     """Wrap a bare ONNX into a package so it can be scored through the daemon's own loader."""
     names = class_names(load_data_yaml(data))
-    return write_package(out, model, overwrite=True, name=name, version=version, plc_model_id=0,
-                         classes=names, input_size=list(onnx_input_hw(model)),
-                         thresholds={"default": max(floor, 0.01)})
+    return write_package(
+        out,
+        model,
+        overwrite=True,
+        name=name,
+        version=version,
+        plc_model_id=0,
+        classes=names,
+        input_size=list(onnx_input_hw(model)),
+        thresholds={"default": max(floor, 0.01)},
+    )
 
 
 @dataclass(slots=True)
@@ -153,11 +197,19 @@ class EvalReport:
     gate: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "model_sha256": self.model_sha256, "data": self.data,
-                "imgsz": self.imgsz, "floor": self.floor, "detection": self.detection,
-                "images": {k: v.as_dict() for k, v in self.images.items()},
-                "min_area_px": self.min_area_px, "operating_point": self.operating_point,
-                "test_point": self.test_point, "gate": self.gate}
+        return {
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "data": self.data,
+            "imgsz": self.imgsz,
+            "floor": self.floor,
+            "detection": self.detection,
+            "images": {k: v.as_dict() for k, v in self.images.items()},
+            "min_area_px": self.min_area_px,
+            "operating_point": self.operating_point,
+            "test_point": self.test_point,
+            "gate": self.gate,
+        }
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,15 +218,31 @@ class EvalReport:
     @classmethod
     def load(cls, path: Path) -> EvalReport:
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no evaluation report; run `edge model evaluate` first")
+            raise FileNotFoundError(
+                f"{path}: no evaluation report; run `edge model evaluate` first"
+            )
         d = json.loads(path.read_text())
-        return cls(d["model"], d["model_sha256"], d["data"], int(d["imgsz"]), float(d["floor"]),
-                   d["detection"], {k: ImageScores.from_dict(v) for k, v in d["images"].items()},
-                   dict(d.get("min_area_px") or {}), d.get("operating_point"),
-                   d.get("test_point"), d.get("gate"))
+        return cls(
+            d["model"],
+            d["model_sha256"],
+            d["data"],
+            int(d["imgsz"]),
+            float(d["floor"]),
+            d["detection"],
+            {k: ImageScores.from_dict(v) for k, v in d["images"].items()},
+            dict(d.get("min_area_px") or {}),
+            d.get("operating_point"),
+            d.get("test_point"),
+            d.get("gate"),
+        )
 
-    def choose(self, recall_target: float, criteria: GateCriteria | None = None,
-               choose_on: str = "val", judge_on: str = "test") -> tuple[OperatingPoint, OperatingPoint, GateDecision]:
+    def choose(
+        self,
+        recall_target: float,
+        criteria: GateCriteria | None = None,
+        choose_on: str = "val",
+        judge_on: str = "test",
+    ) -> tuple[OperatingPoint, OperatingPoint, GateDecision]:
         """Pick the threshold on ``choose_on``, apply it to ``judge_on``, gate the result."""
         v = self.images[choose_on]
         op = choose_threshold(v.scores, v.defect, recall_target, floor=self.floor)
@@ -220,9 +288,18 @@ def evaluate(
         for split in splits:
             files = split_images(doc, split)
             tick = progress(f"score {split}", len(files)) if progress else None
-            images[split] = score_images(pkg_dir, files, floor=floor, min_area_px=min_area_px,
-                                         threads=threads, progress=tick)
+            images[split] = score_images(
+                pkg_dir, files, floor=floor, min_area_px=min_area_px, threads=threads, progress=tick
+            )
             if with_map:
                 detection[split] = detection_metrics(onnx, data_yaml, split, imgsz)
-        return EvalReport(str(model), pkg.model_sha256, str(data_yaml.resolve()), imgsz, floor,
-                          detection, images, dict(min_area_px or {}))
+        return EvalReport(
+            str(model),
+            pkg.model_sha256,
+            str(data_yaml.resolve()),
+            imgsz,
+            floor,
+            detection,
+            images,
+            dict(min_area_px or {}),
+        )

@@ -21,12 +21,24 @@ def export_onnx(weights: Path, out: Path, *, imgsz: int = 256, opset: int = 17) 
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no such checkpoint (train first: `edge model train`)")
     model = ultra_env.yolo(weights)
-    produced = Path(model.export(format="onnx", imgsz=imgsz, opset=opset, simplify=True,
-                                 dynamic=False, half=False, batch=1, device="cpu"))
+    produced = Path(
+        model.export(
+            format="onnx",
+            imgsz=imgsz,
+            opset=opset,
+            simplify=True,
+            dynamic=False,
+            half=False,
+            batch=1,
+            device="cpu",
+        )
+    )
     sess = ort.InferenceSession(str(produced), providers=["CPUExecutionProvider"])
     names = tuple(o.name for o in sess.get_outputs())
     if names != EXPECTED_OUTPUTS:
-        raise ValueError(f"{produced}: outputs {names}, expected {EXPECTED_OUTPUTS} (not a -seg model?)")
+        raise ValueError(
+            f"{produced}: outputs {names}, expected {EXPECTED_OUTPUTS} (not a -seg model?)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     if produced.resolve() != out.resolve():
         shutil.copyfile(produced, out)

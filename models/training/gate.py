@@ -60,11 +60,15 @@ def judge(
     if n_ok < c.min_ok_images:
         reasons.append(f"only {n_ok} OK images held out (need >= {c.min_ok_images})")
     if test_point.precision < c.min_precision:
-        reasons.append(f"image precision {test_point.precision:.4f} < {c.min_precision:.4f} "
-                       f"({test_point.fp} OK parts rejected)")
+        reasons.append(
+            f"image precision {test_point.precision:.4f} < {c.min_precision:.4f} "
+            f"({test_point.fp} OK parts rejected)"
+        )
     if test_point.recall < c.min_recall:
-        reasons.append(f"image recall {test_point.recall:.4f} < {c.min_recall:.4f} "
-                       f"({test_point.fn} defective parts passed)")
+        reasons.append(
+            f"image recall {test_point.recall:.4f} < {c.min_recall:.4f} "
+            f"({test_point.fn} defective parts passed)"
+        )
     dm = detection_metrics or {}
     for key, bound in (("box_map50", c.min_box_map50), ("mask_map50", c.min_mask_map50)):
         if bound is None:

@@ -81,8 +81,17 @@ def choose_threshold(
     if not detectable.size:
         # The model finds nothing above the floor: no threshold helps; report recall 0.
         nothing = confusion_at(s, y, 1.0)
-        return OperatingPoint(1.0, nothing.precision, nothing.recall, nothing.tp, nothing.fp,
-                              nothing.fn, nothing.tn, recall_target, False)
+        return OperatingPoint(
+            1.0,
+            nothing.precision,
+            nothing.recall,
+            nothing.tp,
+            nothing.fp,
+            nothing.fn,
+            nothing.tn,
+            recall_target,
+            False,
+        )
     # Highest threshold that still reaches the target (or the most recall we can get).
     limit = detectable[need - 1] if met else detectable[-1]
     candidates = np.unique(s[(s > max(floor, 0.0)) & (s <= limit)])[::-1]
@@ -91,8 +100,10 @@ def choose_threshold(
         op = confusion_at(s, y, float(c))
         if op.recall + 1e-12 < (recall_target if met else op.recall):
             continue
-        if best is None or op.precision > best.precision + 1e-12 or (
-            abs(op.precision - best.precision) <= 1e-12 and op.recall > best.recall
+        if (
+            best is None
+            or op.precision > best.precision + 1e-12
+            or (abs(op.precision - best.precision) <= 1e-12 and op.recall > best.recall)
         ):
             best = op
     assert best is not None
@@ -100,8 +111,17 @@ def choose_threshold(
     lower = max(float(below.max()) if below.size else 0.0, floor)
     thr = (best.threshold + lower) / 2 if lower < best.threshold else best.threshold
     final = confusion_at(s, y, thr)
-    return OperatingPoint(final.threshold, final.precision, final.recall, final.tp, final.fp,
-                          final.fn, final.tn, recall_target, met)
+    return OperatingPoint(
+        final.threshold,
+        final.precision,
+        final.recall,
+        final.tp,
+        final.fp,
+        final.fn,
+        final.tn,
+        recall_target,
+        met,
+    )
 
 
 def pr_curve(scores: np.ndarray, labels: np.ndarray) -> list[OperatingPoint]:

@@ -51,17 +51,23 @@ def package_model(
     iou_threshold: float = 0.7,
     extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
-    """Write the package; raises PromotionRefused when the gate did not pass (unless told not to)."""
+    """Write the package; raises PromotionRefused when the gate did not pass (unless waived)."""
     if report is not None and report.model_sha256 != sha256_file(model):
-        raise PromotionRefused(f"the evaluation report is for another model (sha256 "
-                               f"{report.model_sha256[:12]}), not {model}; evaluate this file")
+        raise PromotionRefused(
+            f"the evaluation report is for another model (sha256 "
+            f"{report.model_sha256[:12]}), not {model}; evaluate this file"
+        )
     gate = report.gate if report else None
     if require_gate:
         if gate is None:
-            raise PromotionRefused("no gate decision: run `edge model evaluate` (it chooses the "
-                                   "threshold and gates) or pass --no-gate for an experimental package")
+            raise PromotionRefused(
+                "no gate decision: run `edge model evaluate` (it chooses the "
+                "threshold and gates) or pass --no-gate for an experimental package"
+            )
         if not gate["passed"]:
-            raise PromotionRefused("promotion gate refused the model: " + "; ".join(gate["reasons"]))
+            raise PromotionRefused(
+                "promotion gate refused the model: " + "; ".join(gate["reasons"])
+            )
     thr = float(report.operating_point["threshold"]) if report and report.operating_point else 0.25
     thresholds = {
         "default": round(thr, 4),
@@ -69,17 +75,32 @@ def package_model(
         "min_area_px": dict(report.min_area_px) if report else {},
     }
     train_doc: dict[str, Any] = dict(training or {})
-    train_doc["gate"] = ("skipped" if gate is None else {"passed": gate["passed"], "reasons": gate["reasons"],
-                         "criteria": gate["criteria"]})
+    train_doc["gate"] = (
+        "skipped"
+        if gate is None
+        else {"passed": gate["passed"], "reasons": gate["reasons"], "criteria": gate["criteria"]}
+    )
     if report and report.operating_point:
         train_doc["operating_point"] = report.operating_point
     h, w = onnx_input_hw(model)
-    hints: dict[str, Any] = {"conf_threshold": report.floor if report else 0.25,
-                             "iou_threshold": iou_threshold, "decision": "image is DEFECT when any "
-                             "detection has score >= per_class threshold and area_px >= min_area_px"}
+    hints: dict[str, Any] = {
+        "conf_threshold": report.floor if report else 0.25,
+        "iou_threshold": iou_threshold,
+        "decision": "image is DEFECT when any "
+        "detection has score >= per_class threshold and area_px >= min_area_px",
+    }
     return write_package(
-        out, model, overwrite=overwrite, extra_files=dict(extra_files or {}),
-        name=name, version=version, plc_model_id=plc_model_id, classes=classes, input_size=[h, w],
-        training=train_doc, metrics=manifest_metrics(report) if report else {},
-        thresholds=thresholds, runtime_hints=hints,
+        out,
+        model,
+        overwrite=overwrite,
+        extra_files=dict(extra_files or {}),
+        name=name,
+        version=version,
+        plc_model_id=plc_model_id,
+        classes=classes,
+        input_size=[h, w],
+        training=train_doc,
+        metrics=manifest_metrics(report) if report else {},
+        thresholds=thresholds,
+        runtime_hints=hints,
     )

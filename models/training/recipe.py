@@ -1,4 +1,4 @@
-"""The training recipe: the seed design's defaults, typed so a run's settings are recorded exactly."""
+"""The training recipe: the design's defaults, typed so a run's settings are recorded exactly."""
 
 from __future__ import annotations
 

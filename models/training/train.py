@@ -1,4 +1,4 @@
-"""Train a YOLOv8-seg network from the recipe; ultralytics does the work, we make it reproducible."""
+"""Train a YOLOv8-seg network from the recipe; ultralytics does the work, we make it repeatable."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ def train(recipe: TrainRecipe, on_epoch: EpochCallback | None = None) -> TrainRe
     names = class_names(doc)
     ultra_env.prepare(threads=recipe.threads)
     arch_dir = (recipe.project / recipe.name).resolve()
-    source: Path = recipe.weights if recipe.weights else write_arch_yaml(arch_dir, len(names), recipe.scale)
+    source: Path = (
+        recipe.weights if recipe.weights else write_arch_yaml(arch_dir, len(names), recipe.scale)
+    )
     model = ultra_env.yolo(source)
     done = {"epochs": 0, "reported": 0}
 
@@ -61,8 +63,16 @@ def train(recipe: TrainRecipe, on_epoch: EpochCallback | None = None) -> TrainRe
     model.add_callback("on_train_epoch_end", _trained_one)
     model.add_callback("on_fit_epoch_end", _epoch_end)
     kwargs = recipe.train_kwargs()
-    log.info("train.start", data=str(recipe.data), scale=recipe.scale, epochs=recipe.epochs,
-             hours=recipe.hours, batch=recipe.batch, lr0=recipe.lr0, imgsz=recipe.imgsz)
+    log.info(
+        "train.start",
+        data=str(recipe.data),
+        scale=recipe.scale,
+        epochs=recipe.epochs,
+        hours=recipe.hours,
+        batch=recipe.batch,
+        lr0=recipe.lr0,
+        imgsz=recipe.imgsz,
+    )
     t0 = time.perf_counter()
     model.train(**kwargs)
     wall = time.perf_counter() - t0
@@ -71,7 +81,11 @@ def train(recipe: TrainRecipe, on_epoch: EpochCallback | None = None) -> TrainRe
     if not best.exists():
         raise RuntimeError(f"training finished without {best}; see the log above")
     record = recipe.model_dump(mode="json")
-    (run_dir / "recipe.json").write_text(json.dumps(
-        {"recipe": record, "epochs_done": done["epochs"], "wall_s": round(wall, 1)}, indent=2) + "\n")
+    (run_dir / "recipe.json").write_text(
+        json.dumps(
+            {"recipe": record, "epochs_done": done["epochs"], "wall_s": round(wall, 1)}, indent=2
+        )
+        + "\n"
+    )
     log.info("train.done", run_dir=str(run_dir), epochs=done["epochs"], wall_s=round(wall, 1))
     return TrainResult(run_dir, best, last, done["epochs"], wall, record)

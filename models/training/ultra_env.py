@@ -22,7 +22,9 @@ def _font_source() -> Path:
 
     src = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
     if not src.exists():
-        raise FileNotFoundError(f"{src} missing: reinstall matplotlib (ultralytics needs a TTF font)")
+        raise FileNotFoundError(
+            f"{src} missing: reinstall matplotlib (ultralytics needs a TTF font)"
+        )
     return src
 
 
@@ -57,15 +59,17 @@ def prepare(config_dir: Path | None = None, threads: int | None = None) -> Modul
     _install_fonts(Path(USER_CONFIG_DIR))
 
     if _prepared is None:
-        SETTINGS.update({
-            "sync": False,
-            "runs_dir": str(cfg / "runs"),
-            "weights_dir": str(cfg / "weights"),
-            "datasets_dir": str(cfg / "datasets"),
-            **dict.fromkeys(("clearml", "comet", "dvc", "mlflow", "raytune", "wandb"), False),
-        })
+        SETTINGS.update(
+            {
+                "sync": False,
+                "runs_dir": str(cfg / "runs"),
+                "weights_dir": str(cfg / "weights"),
+                "datasets_dir": str(cfg / "datasets"),
+                **dict.fromkeys(("clearml", "comet", "dvc", "mlflow", "raytune", "wandb"), False),
+            }
+        )
         _prepared = cfg
-    torch_utils.NUM_THREADS = n  # type: ignore[attr-defined]
+    torch_utils.NUM_THREADS = n
     torch.set_num_threads(n)
     return ultralytics
 

@@ -9,6 +9,7 @@ a real network. Each scenario prints one JSON line with what it observed; the te
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import sys
@@ -89,8 +90,8 @@ def scenario_wrap(tmp: Path) -> dict[str, Any]:
     with fake_camera(tmp / "fake.log"):
         def wrapped(r: Rec, _w: CameraWorker) -> bool:
             with r.lock:
-                raws = [f.source_meta["raw_frame_id"] for f in r.frames]
-            return any(b < a for a, b in zip(raws, raws[1:], strict=False)) and len(raws) > 200
+                raws = [int(f.source_meta["raw_frame_id"]) for f in r.frames]  # type: ignore[call-overload]
+            return any(b < a for a, b in itertools.pairwise(raws)) and len(raws) > 200
         rec, w = run_worker(settings(trigger={"mode": "free_run", "fps": 400.0}), wrapped, 30)
     return {
         "raw": [f.source_meta["raw_frame_id"] for f in rec.frames],
@@ -125,7 +126,7 @@ def scenario_packet(tmp: Path) -> dict[str, Any]:
         for size in (576, 8192):
             s = settings(packet_size=size, nodes={"width": 512, "height": 512})
             src = AravisSource(s)
-            rec, w = run_worker(s, lambda r, _w: r.n() >= 10, 20, src=src)
+            rec, _w = run_worker(s, lambda r, _w: r.n() >= 10, 20, src=src)
             assert src.node_report is not None
             f = rec.frames[-1]
             out[str(size)] = {

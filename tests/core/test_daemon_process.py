@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import os
+import shutil
 import signal
 import socket
 import sqlite3

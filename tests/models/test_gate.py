@@ -65,7 +65,9 @@ def test_unreachable_recall_reports_not_met() -> None:
 
 
 def test_model_that_finds_nothing_gets_recall_zero_not_an_error() -> None:
-    op = choose_threshold(np.array([0.01, 0.0, 0.02]), np.array([True, True, False]), 0.9, floor=0.05)
+    op = choose_threshold(
+        np.array([0.01, 0.0, 0.02]), np.array([True, True, False]), 0.9, floor=0.05
+    )
     assert not op.met and op.recall == 0.0 and op.tp == 0
 
 

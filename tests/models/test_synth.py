@@ -87,6 +87,7 @@ def test_write_dataset_layout_split_and_labels(tmp_path: Path) -> None:
     for split in sizes:
         for img_path in split_images(doc, split):
             img = cv2.imread(str(img_path), cv2.IMREAD_UNCHANGED)
+            assert img is not None
             assert img.shape == (64, 96)
             label = label_path_for(img_path)
             assert label.exists()

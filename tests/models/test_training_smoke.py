@@ -26,10 +26,21 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("smoke")
     ultra_env.prepare(root / "yolo-config")
-    data = write_dataset(root / "data", 40, seed=3, cfg=SynthConfig(width=64, height=64, defect_fraction=0.5))
+    data = write_dataset(
+        root / "data", 40, seed=3, cfg=SynthConfig(width=64, height=64, defect_fraction=0.5)
+    )
     epochs_seen: list[tuple[int, int]] = []
-    recipe = TrainRecipe(data=data, imgsz=64, epochs=1, batch=8, workers=0, cache=False,
-                         project=root / "runs", name="smoke", close_mosaic=0)
+    recipe = TrainRecipe(
+        data=data,
+        imgsz=64,
+        epochs=1,
+        batch=8,
+        workers=0,
+        cache=False,
+        project=root / "runs",
+        name="smoke",
+        close_mosaic=0,
+    )
     result = train(recipe, on_epoch=lambda done, planned, m: epochs_seen.append((done, planned)))
     assert epochs_seen == [(1, 1)]
     return {"root": root, "data": data, "best": result.best, "run": result.run_dir}
@@ -92,7 +103,9 @@ def test_gate_refuses_the_one_epoch_model(report_path: Path) -> None:
     gate = EvalReport.load(report_path).gate
     assert gate is not None and gate["passed"] is False
     # Refused for what it does, not only because the tiny set is too small to measure.
-    assert any("image precision" in r or "image recall" in r for r in gate["reasons"]), gate["reasons"]
+    assert any("image precision" in r or "image recall" in r for r in gate["reasons"]), gate[
+        "reasons"
+    ]
 
 
 def test_packaging_refuses_a_gated_out_model_and_marks_a_forced_one(
@@ -102,8 +115,13 @@ def test_packaging_refuses_a_gated_out_model_and_marks_a_forced_one(
     from models.training.packaging import PromotionRefused, package_model
 
     report = EvalReport.load(report_path)
-    common = {"report": report, "name": "smoke", "version": "1", "plc_model_id": 9,
-              "classes": list(CLASSES)}
+    common = {
+        "report": report,
+        "name": "smoke",
+        "version": "1",
+        "plc_model_id": 9,
+        "classes": list(CLASSES),
+    }
     with pytest.raises(PromotionRefused, match="gate refused"):
         package_model(exported, trained["root"] / "pkg-refused", **common)  # type: ignore[arg-type]
     assert not (trained["root"] / "pkg-refused" / "manifest.json").exists()
@@ -115,15 +133,25 @@ def test_packaging_refuses_a_gated_out_model_and_marks_a_forced_one(
     assert m.metrics.image_recall == pytest.approx(report.test_point["recall"], abs=1e-4)  # type: ignore[index]
 
 
-def test_report_of_another_model_is_refused(trained: dict[str, Path], report_path: Path, exported: Path) -> None:
+def test_report_of_another_model_is_refused(
+    trained: dict[str, Path], report_path: Path, exported: Path
+) -> None:
     from models.training.evaluate import EvalReport
     from models.training.packaging import PromotionRefused, package_model
 
     other = trained["root"] / "other.onnx"
     other.write_bytes(exported.read_bytes() + b"\0")
     with pytest.raises(PromotionRefused, match="another model"):
-        package_model(other, trained["root"] / "pkg-other", report=EvalReport.load(report_path),
-                      name="x", version="1", plc_model_id=1, classes=list(CLASSES), require_gate=False)
+        package_model(
+            other,
+            trained["root"] / "pkg-other",
+            report=EvalReport.load(report_path),
+            name="x",
+            version="1",
+            plc_model_id=1,
+            classes=list(CLASSES),
+            require_gate=False,
+        )
 
 
 def test_cli_gate_exits_nonzero_and_package_refuses(
@@ -134,13 +162,42 @@ def test_cli_gate_exits_nonzero_and_package_refuses(
     runner = CliRunner()
     res = runner.invoke(app, ["gate", "--eval", str(report_path)])
     assert res.exit_code == 1, res.output
-    res = runner.invoke(app, ["gate", "--eval", str(report_path), "--min-precision", "0",
-                              "--min-recall", "0", "--min-defects", "1", "--min-ok", "1"])
+    res = runner.invoke(
+        app,
+        [
+            "gate",
+            "--eval",
+            str(report_path),
+            "--min-precision",
+            "0",
+            "--min-recall",
+            "0",
+            "--min-defects",
+            "1",
+            "--min-ok",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     # The report now holds the permissive decision; re-gate with the defaults before packaging.
     assert runner.invoke(app, ["gate", "--eval", str(report_path)]).exit_code == 1
-    res = runner.invoke(app, ["package", "--model", str(exported), "--out", str(trained["root"] / "cli-pkg"),
-                              "--name", "smoke", "--version", "2", "--plc-model-id", "3",
-                              "--eval", str(report_path)])
+    res = runner.invoke(
+        app,
+        [
+            "package",
+            "--model",
+            str(exported),
+            "--out",
+            str(trained["root"] / "cli-pkg"),
+            "--name",
+            "smoke",
+            "--version",
+            "2",
+            "--plc-model-id",
+            "3",
+            "--eval",
+            str(report_path),
+        ],
+    )
     assert res.exit_code == 1
     assert not (trained["root"] / "cli-pkg" / "manifest.json").exists()

@@ -262,3 +262,32 @@ def test_sent_data_is_evicted_before_unsent_at_steady_state(tmp_path: Path) -> N
     assert st["bytes_used"] <= s.quota_bytes
     assert st["evicted"]["sent"] > 0 and st["evicted"]["unsent_ok"] == 0
     spool.close()
+
+
+def test_corruption_found_while_running_is_quarantined_and_batch_kept(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    spool = Spool(s, "L1")
+    spool.open()
+    for i in range(300):
+        assert spool.submit(make_event("L1", "c", i, "DEFECT"), make_image(i, 16, 16))
+    assert spool.flush(10)
+    # Move everything into the main file, then damage its b-tree pages behind the writer's back
+    # (what a failing disk or a stray write does). A new write transaction must notice.
+    other = sqlite3.connect(s.spool_dir / DB_NAME)
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    other.close()
+    with open(s.spool_dir / DB_NAME, "r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"\xa5" * 4096 * 8)
+    later = [make_event("L1", "c", 1000 + i, "DEFECT") for i in range(20)]
+    for ev in later:
+        assert spool.submit(ev, make_image(7, 16, 16))
+    assert spool.flush(20)
+    st = spool.stats()
+    assert len(st["quarantined"]) == 1 and "corrupt" in str(st["last_error"])
+    assert spool.healthy
+    spool.close()
+    stored = {r["event_id"]: r for r in rows(s.spool_dir)}
+    assert {ev.event_id for ev in later} <= set(stored)
+    for ev in later:  # the batch's images were re-homed into the fresh spool
+        assert (s.spool_dir / "images" / str(stored[ev.event_id]["image_file"])).exists()
