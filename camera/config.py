@@ -35,6 +35,19 @@ class TriggeredMode(_Strict):
     activation: Literal["RisingEdge", "FallingEdge", "AnyEdge", "LevelHigh", "LevelLow"] = (
         "RisingEdge"
     )
+    rate_hz: float | None = Field(
+        default=None,
+        gt=0,
+        le=10_000,
+        description="Software triggers only: the worker fires triggers itself at this rate (a "
+        "stand-in for the PLC's part-present signal on a bench or with a simulator).",
+    )
+
+    @model_validator(mode="after")
+    def _rate_needs_software(self) -> TriggeredMode:
+        if self.rate_hz is not None and self.source != "software":
+            raise ValueError("trigger.rate_hz applies to source: software only")
+        return self
 
 
 TriggerSettings = Annotated[FreeRunTrigger | TriggeredMode, Field(discriminator="mode")]

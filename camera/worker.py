@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import structlog
 
+from camera.config import CameraSettings, TriggeredMode
 from camera.frame import Frame
 from camera.source import CameraConfigError, FrameSource
 
@@ -46,6 +47,7 @@ class CameraWorker:
         triggered: bool = False,
         hardware_trigger: bool = False,
         read_timeout_s: float | None = None,
+        trigger_rate_hz: float | None = None,
     ) -> None:
         self.source = source
         self.camera_id = source.camera_id
@@ -56,6 +58,8 @@ class CameraWorker:
         self._backoff_max_s = max(backoff_max_s, backoff_min_s)
         self._triggered = triggered
         self._hardware_trigger = hardware_trigger
+        self._trigger_rate_hz = trigger_rate_hz if triggered and not hardware_trigger else None
+        self._trigger_thread: threading.Thread | None = None
         # Short reads keep stop() and stall detection responsive without busy-waiting.
         self._read_timeout_s = read_timeout_s or min(0.2, stall_timeout_s / 4)
         self._stop = threading.Event()
@@ -81,20 +85,18 @@ class CameraWorker:
     @classmethod
     def from_settings(
         cls,
-        settings: object,
+        settings: CameraSettings,
         *,
         on_frame: FrameCallback,
         on_state: StateCallback,
         source: FrameSource | None = None,
     ) -> CameraWorker:
         """Build the worker (and, unless given, the source) for one ``CameraSettings`` entry."""
-        from camera.config import TriggeredMode, _CameraCommon
         from camera.factory import open_source
 
-        assert isinstance(settings, _CameraCommon)
         trig = settings.trigger
         return cls(
-            source if source is not None else open_source(settings),  # type: ignore[arg-type]
+            source if source is not None else open_source(settings),
             on_frame=on_frame,
             on_state=on_state,
             stall_timeout_s=settings.stall_timeout_s,
@@ -102,6 +104,7 @@ class CameraWorker:
             backoff_max_s=settings.reopen_backoff_max_s,
             triggered=isinstance(trig, TriggeredMode),
             hardware_trigger=isinstance(trig, TriggeredMode) and trig.source == "hardware",
+            trigger_rate_hz=trig.rate_hz if isinstance(trig, TriggeredMode) else None,
         )
 
     # -- control ------------------------------------------------------------------------------
@@ -112,10 +115,32 @@ class CameraWorker:
             target=self._run, name=f"camera-{self.camera_id}", daemon=True
         )
         self._thread.start()
+        if self._trigger_rate_hz:
+            self._trigger_thread = threading.Thread(
+                target=self._trigger_loop, name=f"camera-{self.camera_id}-trigger", daemon=True
+            )
+            self._trigger_thread.start()
+
+    def _trigger_loop(self) -> None:
+        """Fire software triggers on an absolute schedule (no drift); skip while down."""
+        assert self._trigger_rate_hz
+        period = 1.0 / self._trigger_rate_hz
+        due = time.monotonic()
+        while not self._stop.is_set():
+            due += period
+            delay = due - time.monotonic()
+            if delay < -period:  # fell behind (e.g. the host stalled): resynchronise
+                due = time.monotonic()
+            elif self._stop.wait(max(delay, 0.0)):
+                return
+            if self._open:
+                self.trigger()
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Stop and join; False if the thread is still stuck in vendor code after ``timeout_s``."""
         self._stop.set()
+        if self._trigger_thread is not None:
+            self._trigger_thread.join(timeout_s)
         if self._thread is None:
             return True
         self._thread.join(timeout_s)

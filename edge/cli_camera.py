@@ -227,14 +227,17 @@ def update_yaml(path: Path, updates: Sequence[tuple[Sequence[str | int], Any]]) 
 
     yaml = YAML()
     yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)  # the project's style: "  - id: cam0"
+    yaml.width = 4096  # never re-wrap a long value (paths) the author wrote on one line
     doc = yaml.load(path.read_text(encoding="utf-8"))
     for keys, value in updates:
-        node = doc
-        for key in keys[:-1]:
-            if isinstance(key, str) and (key not in node or node[key] is None):
-                node[key] = CommentedMap()
-            node = node[key]
-        node[keys[-1]] = value
+        node, i = doc, 0
+        while i < len(keys) - 1 and _has(node, keys[i]):
+            node, i = node[keys[i]], i + 1
+        new = CommentedMap(value) if isinstance(value, dict) else value
+        for key in reversed(keys[i + 1 :]):  # build what is missing, then insert it once
+            new = CommentedMap({key: new})
+        _append(node, keys[i], new)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".yaml")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -244,11 +247,64 @@ def update_yaml(path: Path, updates: Sequence[tuple[Sequence[str | int], Any]]) 
         try:
             load_config(Path(tmp))
         except ConfigError as exc:
-            raise ValueError("the updated config would not validate:\n" + "\n".join(exc.problems))
+            problems = "\n".join(exc.problems)
+            raise ValueError(f"the updated config would not validate:\n{problems}") from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _has(node: Any, key: Any) -> bool:
+    if isinstance(node, list):
+        return isinstance(key, int) and key < len(node)
+    return isinstance(node, dict) and key in node and node[key] is not None
+
+
+def _deepest(node: Any, key: Any) -> tuple[Any, Any]:
+    """The mapping and key of the last scalar under ``node[key]`` (where ruamel hangs the
+    comments and blank lines that follow a block)."""
+    from ruamel.yaml.comments import CommentedMap
+
+    while isinstance(node[key], CommentedMap) and len(node[key]):
+        node, key = node[key], list(node[key].keys())[-1]
+    return node, key
+
+
+def _append(node: Any, key: str | int, value: Any) -> None:
+    """Set ``node[key]``; a NEW key goes last, and the blank lines that separated the mapping
+    from the next section move below it (ruamel keeps them on the previous last key, which
+    would otherwise put the new key after the gap, visually inside the next section)."""
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.tokens import CommentToken
+
+    if not isinstance(node, CommentedMap):
+        node[key] = value
+        return
+    if key in node:  # replacing: a gap below the old block stays below the new one
+        old_map, old_key = _deepest(node, key)
+        entry = old_map.ca.items.get(old_key)
+        node[key] = value
+        if entry and isinstance(value, CommentedMap) and len(value):
+            new_map, new_key = _deepest(node, key)
+            new_map.ca.items[new_key] = entry
+        return
+    keys = list(node.keys())
+    node[key] = value
+    if not keys:
+        return
+    prev_map, prev_key = _deepest(node, keys[-1])
+    entry = prev_map.ca.items.get(prev_key)
+    tok = entry[2] if entry and len(entry) > 2 else None
+    if tok is None or "\n" not in tok.value:
+        return
+    nl = tok.value.index("\n")
+    head, tail = tok.value[: nl + 1], tok.value[nl + 1 :]
+    if not tail or tail.strip("\n"):
+        return  # nothing but the line end, or a real comment follows: leave it in place
+    tok.value = head
+    new_map, new_key = _deepest(node, key)
+    new_map.ca.items[new_key] = [None, None, CommentToken("\n" + tail, tok.start_mark, None), None]
 
 
 def _roi_from_config(cfg: Any, cam_id: str) -> tuple[int, int, int, int] | None:
@@ -297,11 +353,11 @@ def calibrate_command(
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
     trig = settings.trigger
-    soft = src_trigger = isinstance(trig, TriggeredMode) and trig.source == "software"
+    soft = isinstance(trig, TriggeredMode) and trig.source == "software"
     notes: list[str] = []
     updates: list[tuple[list[str | int], Any]] = []
     with _opened(settings) as src:
-        trigger = src.trigger if src_trigger else None
+        trigger = src.trigger if soft else None
 
         def next_frame() -> Frame:
             return fresh_frame(src.read, trigger=trigger, skip=0 if soft else 2)
@@ -334,16 +390,21 @@ def calibrate_command(
                         )
                     frame = next_frame()
             if focus_seconds > 0:
-                best = 0.0
+                best, shown = 0.0, 0.0
                 end = time.monotonic() + focus_seconds
-                while time.monotonic() < end:
+                tty = sys.stderr.isatty()
+                while (now := time.monotonic()) < end:
                     frame = next_frame()
                     score = focus_score(frame.image, region)
                     best = max(best, score)
-                    sys.stderr.write(f"\rfocus {score:10.1f}   best {best:10.1f}  "
-                                     f"({end - time.monotonic():4.0f}s left) ")
-                    sys.stderr.flush()
-                sys.stderr.write("\n")
+                    if tty and now - shown > 0.2:  # a live line the technician watches
+                        shown = now
+                        sys.stderr.write(f"\rfocus {score:10.1f}   best {best:10.1f}   "
+                                         f"{max(end - now, 0):3.0f}s left ")
+                        sys.stderr.flush()
+                if tty:
+                    sys.stderr.write("\n")
+                typer.echo(f"focus: last {score:.1f}, best seen {best:.1f}")
                 notes.append(f"best focus seen: {best:.1f}")
         except CameraError as exc:
             raise _fail(f"camera {settings.id}: {exc}") from None

@@ -41,6 +41,9 @@ class ModelSettings(BaseModel):
     intra_op_threads: int = Field(default=2, ge=1, le=256)
     """ONNX Runtime threads inside one operator: set to the cores given to inference."""
     inter_op_threads: int = Field(default=1, ge=1, le=256)
+    spin_wait: bool = False
+    """Let ONNX Runtime's worker threads busy-wait between runs. Off by default: on a small box
+    the spinning threads steal the cores that decode, capture and the PLC link need."""
     use_cuda: bool = False
     """Use ONNX Runtime's CUDA provider when it is installed (falls back to CPU with a warning)."""
     providers: list[str] | None = None

@@ -186,22 +186,36 @@ def _axis_maps(
     return a.astype(np.float32), b.astype(np.float32)
 
 
+def _band(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: first and one-past-last nonzero column (the rows are monotonic bands)."""
+    nz = m != 0
+    lo = nz.argmax(axis=1)
+    hi = m.shape[1] - nz[:, ::-1].argmax(axis=1)
+    return lo, hi
+
+
+_Maps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 class MaskMapper:
-    """Caches the per-axis maps for each (proto size, frame size): cameras rarely change size."""
+    """Caches the per-axis maps (and their bands) per (proto size, frame size).
+
+    Cameras rarely change size, so this is computed once per camera, not per frame.
+    """
 
     def __init__(self, max_entries: int = 16) -> None:
-        self._cache: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[tuple[int, int, int, int], _Maps] = {}
         self._max = max_entries
         self._lock = threading.Lock()  # postprocess runs in several inference threads
 
-    def maps(
-        self, proto_hw: tuple[int, int], orig_hw: tuple[int, int]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def maps(self, proto_hw: tuple[int, int], orig_hw: tuple[int, int]) -> _Maps:
+        """(A, A_lo, A_hi, B, B_lo, B_hi): maps and their per-row nonzero column spans."""
         key = (*proto_hw, *orig_hw)
         with self._lock:
             got = self._cache.get(key)
         if got is None:
-            got = _axis_maps(proto_hw, orig_hw)
+            a, b = _axis_maps(proto_hw, orig_hw)
+            got = (a, *_band(a), b, *_band(b))
             with self._lock:
                 if len(self._cache) >= self._max:
                     self._cache.pop(next(iter(self._cache)))
@@ -249,7 +263,7 @@ def decode_image(
         return []
     boxes = scale_boxes(boxes_in, input_hw, orig_hw)
     mh, mw = protos.shape[1:]
-    a, b = (mapper or MaskMapper()).maps((mh, mw), orig_hw)
+    a, a_lo, a_hi, b, b_lo, b_hi = (mapper or MaskMapper()).maps((mh, mw), orig_hw)
     logits = (coeffs @ protos.astype(np.float32, copy=False).reshape(NUM_MASK_COEFFS, -1)).reshape(
         -1, mh, mw
     )
@@ -261,7 +275,10 @@ def decode_image(
         c0, c1 = min(math.ceil(x1), w0), min(math.ceil(x2), w0)
         if r1 <= r0 or c1 <= c0:
             continue  # empty crop -> empty mask: ultralytics drops it too
-        roi = (a[r0:r1] @ logits[k] @ b[c0:c1].T) > 0
+        # Both maps are banded: only a few proto rows/cols feed the box, skip the exact zeros.
+        j0, j1 = int(a_lo[r0]), int(a_hi[r1 - 1])
+        i0, i1 = int(b_lo[c0]), int(b_hi[c1 - 1])
+        roi = (a[r0:r1, j0:j1] @ logits[k, j0:j1, i0:i1] @ b[c0:c1, i0:i1].T) > 0
         area = int(np.count_nonzero(roi))
         if area == 0:
             continue

@@ -61,6 +61,9 @@ class OnnxDetector:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        spin = "1" if settings.spin_wait else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         providers = choose_providers(settings)
         try:
             session = ort.InferenceSession(str(package.model_path), opts, providers=providers)

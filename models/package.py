@@ -463,6 +463,7 @@ def write_package(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the daemon may run as another user
         os.replace(tmp, manifest_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ class _LinkTiming(BaseModel):
     connect_timeout_ms: int = Field(default=500, ge=10, le=30_000)
     reconnect_backoff_min_ms: int = Field(default=50, ge=1, le=60_000)
     reconnect_backoff_max_ms: int = Field(
-        default=500,
+        default=250,
         ge=1,
         le=60_000,
         description="Ceiling of the reconnect backoff. Keep it below 1 s: writes resume at most "

@@ -101,7 +101,9 @@ class ReconnectingLink(abc.ABC):
         self._rtt_ewma_s = 0.0
         self._down_since_ns: int | None = time.monotonic_ns()
         self._last_error = "not started"
-        self._ever_connected = False
+        self._healthy: bool | None = None
+        """None until the first request succeeds; False from a failure until the next success."""
+        self._bad_since_ns = 0
         self.stats = LinkStats()
 
     # -- backend hooks ------------------------------------------------------------------------
@@ -185,19 +187,43 @@ class ReconnectingLink(abc.ABC):
         if self._connected:
             self._connected = False
             self.stats.connection_losses += 1
-            self._last_error = reason
             self._down_since_ns = time.monotonic_ns()
+        self._mark_bad(reason)
         if self._lost is not None:
             self._lost.set()
 
+    def _mark_bad(self, reason: str) -> None:
+        """Log once per outage (like Home Assistant's Modbus hub), not once per failed request."""
+        self._last_error = reason
+        if self._healthy is not False:
+            self._healthy = False
+            self._bad_since_ns = time.monotonic_ns()
+            log.warning("plc_unavailable", backend=self.backend, target=self._target, error=reason)
+
+    def _mark_good(self) -> None:
+        """A request succeeded: the PLC really answers (a TCP connect alone proves little)."""
+        if self._healthy is True:
+            return
+        if self._healthy is False:
+            log.info(
+                "plc_back",
+                backend=self.backend,
+                target=self._target,
+                down_s=round((time.monotonic_ns() - self._bad_since_ns) / 1e9, 3),
+            )
+        else:
+            log.info("plc_connected", backend=self.backend, target=self._target)
+        self._healthy = True
+
     async def _supervise(self) -> None:
-        assert self._lost is not None
+        assert self._lost is not None and self._up is not None
         t = self._timing
-        backoff = t.reconnect_backoff_min_ms / 1e3
-        logged_down = False
-        attempts = 0
+        backoff_min, backoff_max = (
+            t.reconnect_backoff_min_ms / 1e3,
+            t.reconnect_backoff_max_ms / 1e3,
+        )
+        backoff = backoff_min
         while not self._closing:
-            attempts += 1
             self._lost.clear()
             try:
                 await asyncio.wait_for(
@@ -206,59 +232,32 @@ class ReconnectingLink(abc.ABC):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any connect failure: the line must keep running
-                self._last_error = f"connect failed: {type(exc).__name__}: {exc}"
+                self._mark_bad(f"connect failed: {type(exc).__name__}: {exc}")
                 await self._shut()
-                if not logged_down:
-                    log.warning(
-                        "plc_unavailable",
-                        backend=self.backend,
-                        target=self._target,
-                        error=self._last_error,
-                    )
-                    logged_down = True
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, t.reconnect_backoff_max_ms / 1e3)
+                backoff = min(backoff * 2, backoff_max)
                 continue
-            down_for = (
-                (time.monotonic_ns() - self._down_since_ns) / 1e9 if self._down_since_ns else 0
-            )
             self._connected = True
-            assert self._up is not None
             self._up.set()
             self._down_since_ns = None
-            self._last_error = ""
             self.stats.connects += 1
-            if logged_down or self._ever_connected:
-                log.info(
-                    "plc_back",
-                    backend=self.backend,
-                    target=self._target,
-                    down_s=round(down_for, 3),
-                    attempts=attempts,
-                )
-            else:
-                log.info("plc_connected", backend=self.backend, target=self._target)
-            self._ever_connected = True
-            logged_down = False
-            attempts = 0
-            backoff = t.reconnect_backoff_min_ms / 1e3
+            log.debug("plc_connect", backend=self.backend, target=self._target)
             if not self._lost.is_set():  # (it may have dropped during the handshake)
                 await self._lost.wait()
             self._connected = False
             self._up.clear()
             if self._down_since_ns is None:
                 self._down_since_ns = time.monotonic_ns()
-            if not logged_down:
-                log.warning(
-                    "plc_unavailable",
-                    backend=self.backend,
-                    target=self._target,
-                    error=self._last_error,
-                )
-                logged_down = True
             await self._shut()
-            # Reconnect at once the first time (a timed-out request drops a healthy socket too);
-            # the backoff only grows while connects keep failing.
+            if self._healthy:
+                # It answered on this connection: reconnect at once (a timed-out request drops a
+                # healthy socket too), and start the backoff from the bottom.
+                backoff = backoff_min
+            else:
+                # Connects succeed but requests do not (hung PLC, wrong unit...): back off, so
+                # writes fail at once instead of each burning its budget on a dead connection.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, backoff_max)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -300,6 +299,7 @@ class ReconnectingLink(abc.ABC):
                 self._connection_lost(f"read-back failed: {type(exc).__name__}: {exc}")
                 return f"could not confirm earlier write {pend.label}: {type(exc).__name__}"
             del self._pending[key]
+            self._mark_good()
             if applied:
                 self.stats.confirmed_applied += 1
             else:
@@ -371,6 +371,7 @@ class ReconnectingLink(abc.ABC):
             now = time.monotonic_ns()
             self._note_rtt((now - t0) / 1e9)
             self.stats.acked += 1
+            self._mark_good()
             return WriteResult(WriteOutcome.ACKED, acked_ns=now)
         finally:
             self._lock.release()
@@ -405,6 +406,7 @@ class ReconnectingLink(abc.ABC):
                 self._connection_lost(f"read failed: {type(exc).__name__}: {exc}")
                 return None
             self.stats.reads_ok += 1
+            self._mark_good()
             return value
         finally:
             self._lock.release()

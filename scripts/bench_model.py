@@ -58,11 +58,18 @@ def _frames(shape: tuple[int, int], n: int) -> list[np.ndarray]:
 
 
 def bench(
-    package: Path, threads: int, runs: int, warmup: int, frame: tuple[int, int]
+    package: Path,
+    threads: int,
+    runs: int,
+    warmup: int,
+    frame: tuple[int, int],
+    spin_wait: bool = False,
 ) -> dict[str, Any]:
     det = OnnxDetector(
         load_package(package, check_model=False),
-        ModelSettings(package=package, intra_op_threads=threads, warmup_runs=0),
+        ModelSettings(
+            package=package, intra_op_threads=threads, warmup_runs=0, spin_wait=spin_wait
+        ),
     )
     sess = det.session
     name = sess.get_inputs()[0].name
@@ -115,16 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--frame", type=_shape, default=(480, 640), help="camera frame HxW")
+    ap.add_argument(
+        "--spin-wait", action="store_true", help="let ORT threads busy-wait (model.spin_wait)"
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     pkg = load_package(args.package)
     m = pkg.manifest
     print(
         f"model {m.name}:{m.version} input {m.input_size[0]}x{m.input_size[1]}, "
-        f"frame {args.frame[0]}x{args.frame[1]}, {args.runs} runs, "
+        f"frame {args.frame[0]}x{args.frame[1]}, {args.runs} runs, spin_wait={args.spin_wait}, "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     )
-    results = [bench(args.package, t, args.runs, args.warmup, args.frame) for t in args.threads]
+    results = [
+        bench(args.package, t, args.runs, args.warmup, args.frame, args.spin_wait)
+        for t in args.threads
+    ]
     print(
         f"{'threads':>7} | {'session.run p50/p99 ms':>22} | {'pre p50':>7} | {'infer p50':>9} | "
         f"{'post p50':>8} | {'full p50/p99 ms':>15}"
@@ -145,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                     "input_size": list(m.input_size),
                     "frame": list(args.frame),
                     "cpus": os.cpu_count(),
+                    "spin_wait": args.spin_wait,
                     "results": results,
                 },
                 indent=2,

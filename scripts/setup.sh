@@ -44,3 +44,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install --quiet -e ".$extras"
   echo "$want" > "$stamp"
 fi
+if [ "$mode" = test ]; then
+  scripts/install_snap7_native.sh   # the native Snap7 server: an independent S7 peer for tests
+fi

@@ -469,8 +469,9 @@ class Spool:
                 self._write_batch(batch)
             except Exception as exc:  # the writer must survive anything to keep the line alive
                 self._error(f"uplink writer failed on a batch of {len(batch)}: {exc!r}")
-                self._mark_done(len(batch))
-            self._in_batch = 0
+            finally:
+                self._in_batch = 0
+                self._mark_done(len(batch))  # after eviction too: flush() sees a settled spool
             self._housekeeping()
 
     def _mark_done(self, n: int) -> None:
@@ -578,7 +579,6 @@ class Spool:
                 if self._stop.is_set() and attempts >= 3:
                     # Shutting down and still failing: give up on this batch, loudly.
                     self._error(f"spool gave up on {len(rows)} uncommitted events at shutdown")
-                    self._mark_done(len(batch))
                     return
                 time.sleep(min(backoff, 0.5) if self._stop.is_set() else backoff)
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
@@ -587,13 +587,15 @@ class Spool:
             self._committed += len(rows)
             self._images_written += sum(1 for r in rows if r["image_file"])
         self._image_bytes += sum(r["image_bytes"] for r in rows)
-        self._mark_done(len(batch))
         if self._on_commit is not None and rows:
             try:
                 self._on_commit([r["event_id"] for r in rows])
             except Exception as exc:
                 log.warning("uplink on_commit hook failed", error=repr(exc))
-        self._enforce_quota()
+        try:
+            self._enforce_quota()
+        except sqlite3.DatabaseError as exc:
+            self._error(f"spool eviction failed (will retry on the next commit): {exc}")
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         if self._wconn is None:
@@ -651,7 +653,7 @@ class Spool:
             if self.bytes_used() <= target:
                 break
         with contextlib.suppress(sqlite3.Error):
-            self._wconn.execute("PRAGMA incremental_vacuum")
+            self._wconn.execute("PRAGMA incremental_vacuum").fetchall()
         if evicted:
             log.warning("uplink spool over quota: evicted", quota_bytes=quota,
                         used_bytes=self.bytes_used(), **evicted)
@@ -729,7 +731,7 @@ class Spool:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(self.images_dir / name)
                         self._image_bytes -= int(size or 0)
-                self._wconn.execute("PRAGMA incremental_vacuum")
+                self._wconn.execute("PRAGMA incremental_vacuum").fetchall()
             self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._enforce_quota()
             self._write_status_file()

@@ -206,6 +206,41 @@ def scenario_rejected(tmp: Path) -> dict[str, Any]:
             return {"error": str(exc), "type": type(exc).__name__}
 
 
+def scenario_calibrate(tmp: Path) -> dict[str, Any]:
+    """`edge calibrate` auto-exposure against the fake camera (its ramp scales with exposure)."""
+    from typer.testing import CliRunner
+
+    from camera.calibrate import fresh_frame, levels
+    from edge.cli import app
+    from edge.config import load_config
+    from tests.camera.conftest import line_yaml
+
+    cfg = line_yaml(tmp, """cameras:
+  # GigE camera (this comment must survive calibration)
+  - id: gige0
+    type: aravis
+    plc_slot: 0
+    address: 127.0.0.1
+    nodes:
+      width: 320    # keep
+      height: 240
+""")
+    before = cfg.read_text()
+    with fake_camera(tmp / "fake.log"):
+        r = CliRunner().invoke(app, ["calibrate", "-c", str(cfg), "--target-mean", "90",
+                                     "--tolerance", "4", "--report", str(tmp / "r.png")])
+        cam = load_config(cfg).cameras[0]
+        assert isinstance(cam, AravisCameraSettings)
+        src = AravisSource(cam)
+        src.open()
+        try:
+            mean = levels(fresh_frame(src.read).image).mean
+        finally:
+            src.close()
+    return {"exit": r.exit_code, "output": r.output, "before": before, "after": cfg.read_text(),
+            "exposure_us": cam.nodes.exposure_us, "mean_after": mean}
+
+
 def main() -> None:
     name = sys.argv[1]
     tmp = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp")

@@ -23,6 +23,27 @@ def write_images(folder: Path, n: int, shape: tuple[int, int] = (48, 64)) -> lis
     return paths
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def line_yaml(tmp: Path, cameras_block: str, name: str = "line.yaml") -> Path:
+    """A full line config (the demo's, with absolute paths) whose cameras: block is replaced.
+
+    Built from configs/demo.yaml so the test follows the real config schema and keeps its
+    comments, which calibration must not destroy.
+    """
+    import re
+
+    src = (ROOT / "configs" / "demo.yaml").read_text()
+    src = src.replace("../models/demo/package", str(ROOT / "models" / "demo" / "package"))
+    src = src.replace("../var/demo/uplink", str(tmp / "spool"))
+    block = re.search(r"cameras:\n(?:  .*\n|\n)*?(?=\nmodel:)", src)
+    assert block is not None, "configs/demo.yaml has no cameras: block before model:"
+    path = tmp / name
+    path.write_text(src.replace(block.group(0), cameras_block))
+    return path
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     write_images(tmp_path / "imgs", 5)

@@ -71,6 +71,17 @@ def test_camera_disappears_detected_and_reopened(tmp_path: Path) -> None:
     assert r["reopens"] >= 2 and "no GigE Vision camera answers at 127.0.0.1" in r["failed_reason"]
 
 
+def test_calibrate_auto_exposure_reaches_target_and_is_written_back(tmp_path: Path) -> None:
+    r = scenario("calibrate", tmp_path)
+    assert r["exit"] == 0, r["output"]
+    assert "on target" in r["output"]
+    assert r["exposure_us"] is not None and r["exposure_us"] != 10000.0  # moved off the default
+    assert abs(r["mean_after"] - 90) <= 6  # a fresh open with the written value sees the target
+    removed = set(r["before"].splitlines()) - set(r["after"].splitlines())
+    assert not removed  # comments and layout kept; only exposure_us was added
+    assert f"exposure_us: {r['exposure_us']}" in r["after"]
+
+
 def test_rejected_settings_are_listed(tmp_path: Path) -> None:
     r = scenario("rejected", tmp_path)
     assert r["type"] == "CameraConfigError"

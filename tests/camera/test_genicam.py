@@ -234,3 +234,20 @@ def test_colour_device_to_bgr_and_two_cameras_share_a_producer() -> None:
     finally:
         colour.close()
         mono.close()
+
+
+def test_worker_fires_software_triggers_at_a_rate() -> None:
+    rec = Rec()
+    w = CameraWorker.from_settings(
+        cam(trigger={"mode": "triggered", "source": "software", "rate_hz": 40.0}),
+        on_frame=rec.on_frame, on_state=rec.on_state,
+    )
+    w.start()
+    try:
+        wait_until(lambda: rec.count() >= 30, 10, "30 triggered parts")
+    finally:
+        w.stop(5)
+    frames = rec.frames
+    assert [f.part_id for f in frames] == list(range(1, len(frames) + 1))
+    span_s = (frames[-1].captured_ns - frames[0].captured_ns) / 1e9
+    assert (len(frames) - 1) / span_s == pytest.approx(40.0, rel=0.25)

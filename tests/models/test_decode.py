@@ -123,7 +123,7 @@ def _fake_output(
     return pred, protos.astype(np.float32)
 
 
-@pytest.mark.parametrize("orig", [(240, 320), (457, 123), (1200, 1920), (320, 320)])
+@pytest.mark.parametrize("orig", [(240, 320), (457, 123), (600, 960), (320, 320)])
 def test_decode_matches_ultralytics_ops_on_synthetic_outputs(
     ultralytics_offline: Path, orig: tuple[int, int]
 ) -> None:
@@ -288,3 +288,17 @@ def test_conf_floor_never_exceeds_a_decision_threshold() -> None:
     explicit = ModelSettings(package=Path("unused"), conf_threshold=0.6, iou_threshold=0.5)
     p = params_for(explicit, manifest({"conf_threshold": 0.05}, {}))
     assert (p.conf, p.iou) == (0.6, 0.5)
+
+
+@pytest.mark.parametrize("shape", [(320, 320), (240, 320), (200, 300)])
+def test_read_only_and_strided_frames_are_accepted(shape: tuple[int, int]) -> None:
+    """Replay/camera frames may be read-only shared arrays or views; preprocess must not write."""
+    rng = np.random.default_rng(8)
+    img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ro = img.copy()
+    ro.flags.writeable = False
+    strided = np.ascontiguousarray(np.concatenate([img, img], axis=1))[:, ::2]
+    ref = preprocess(img, (320, 320)).tensor
+    np.testing.assert_array_equal(preprocess(ro, (320, 320)).tensor, ref)
+    assert preprocess(strided, (320, 320)).tensor.shape == ref.shape
+    np.testing.assert_array_equal(ro, img)

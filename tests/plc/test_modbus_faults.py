@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 
 from plc.config import ModbusSettings
 from plc.modbus import ModbusLink
@@ -111,7 +113,7 @@ async def test_server_killed_and_restarted(
 ) -> None:
     port = free_port()
     procs.append(start_sim(port, tmp_path / "before.log"))
-    link = ModbusLink(ModbusSettings(port=port), 1)  # default backoff: 50..500 ms
+    link = ModbusLink(ModbusSettings(port=port), 1)  # default backoff: 50..250 ms
     await link.start()
     assert await link.wait_connected(5)
     w = Writer(link)
@@ -235,3 +237,39 @@ async def test_unknown_write_that_never_landed_is_confirmed_not_applied(
     finally:
         await link.close()
     assert received(tmp_path / "b.log") == [2]
+
+
+async def test_outage_is_logged_once_and_recovery_once() -> None:
+    port = free_port()
+    settings = ModbusSettings(port=port, simulator=True)
+    sim = ModbusPlcSimulator(settings, 1)
+    sim.start()
+    link = ModbusLink(settings, 1)
+    with structlog.testing.capture_logs() as logs:
+        await link.start()
+        try:
+            assert await link.wait_connected(5)
+            assert (await link.write_decision(rec(1), time.monotonic_ns() + 100 * MS)).outcome \
+                is WriteOutcome.ACKED
+            await asyncio.to_thread(sim.stop)
+            outcomes = []
+            for seq in range(2, 40):  # a whole outage's worth of frames
+                r = await link.write_decision(rec(seq), time.monotonic_ns() + 20 * MS)
+                outcomes.append(r.outcome)
+                await asyncio.sleep(0.01)
+            assert WriteOutcome.ACKED not in outcomes
+            sim = ModbusPlcSimulator(settings, 1)
+            await asyncio.to_thread(sim.start)
+            for seq in range(40, 400):
+                r = await link.write_decision(rec(seq), time.monotonic_ns() + 100 * MS)
+                if r.outcome is WriteOutcome.ACKED:
+                    break
+                await asyncio.sleep(0.01)
+            assert r.outcome is WriteOutcome.ACKED
+        finally:
+            await link.close()
+            sim.stop()
+    events = [e["event"] for e in logs if e["event"].startswith("plc_")]
+    assert events.count("plc_unavailable") == 1, events
+    assert events.count("plc_back") == 1, events
+    assert events.index("plc_unavailable") < events.index("plc_back")
