@@ -147,6 +147,7 @@ class AravisSource:
         self._cam: Any = None
         self._stream: Any = None
         self._nodes: AravisNodes | None = None
+        self._lost = threading.Event()
         self._ids = FrameIdUnwrapper(modulus=1 << 16, skip_zero=True)
         self._triggers = TriggerQueue(self._fire)
         self._part_base = 0
@@ -170,6 +171,10 @@ class AravisSource:
                 f"(from {iface}): {exc.message}"
             ) from exc
         nodes = AravisNodes(device.get_genicam())
+        lost = threading.Event()
+        # Emitted by Aravis' heartbeat thread when the camera stops answering: the only sign of
+        # a vanished camera in hardware-trigger mode, where silence is normal.
+        device.connect("control-lost", lambda *_a: lost.set())
         try:
             self.node_report = self._configure(cam, nodes)
             stream = cam.create_stream(None, None)
@@ -185,6 +190,7 @@ class AravisSource:
         }
         with self._lock:
             self._cam, self._stream, self._nodes = cam, stream, nodes
+            self._lost = lost
             self._ids = FrameIdUnwrapper(modulus=1 << 16, skip_zero=True)
             self._triggers.reset()
             self._part_base = max(self._triggers.fired, self._last_part)
@@ -212,6 +218,8 @@ class AravisSource:
         stream = self._stream
         if stream is None:
             raise CameraError(f"camera {self.camera_id}: read on a closed source")
+        if self._lost.is_set():
+            raise CameraError(f"camera {self.camera_id}: control lost (no heartbeat answer)")
         timeout_us = int(min(timeout_s, self.settings.fetch_timeout_s) * 1e6)
         buf = stream.timeout_pop_buffer(timeout_us)
         if buf is None:

@@ -37,12 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from camera.frame import Frame
 from edge.decision import Decision, DecisionRules
 from edge.metrics import Metrics
+from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
 from models.types import Detection, Detector
 from plc.record import (
     DecisionRecord,
     FailsafeReason,
-    PlcLink,
     Verdict,
     WriteOutcome,
     WriteResult,
@@ -52,6 +52,8 @@ from uplink.event import PartEvent, new_event_id
 log = structlog.get_logger(__name__)
 
 _MS = 1_000_000
+_RETRY_MIN_S = 0.002
+"""Below this much budget a retry after a reconnect is not worth starting."""
 
 
 class PipelineSettings(BaseModel):
@@ -135,7 +137,7 @@ class Pipeline:
         settings: PipelineSettings,
         line: str,
         model: ModelHolder,
-        plc: PlcLink,
+        plc: DeadlineOrderedLink,
         sink: EventSink | None,
         metrics: Metrics,
         stats: RunStats,
@@ -396,11 +398,23 @@ class Pipeline:
             self._untrack(job)
 
     async def _write(self, record: DecisionRecord, deadline_ns: int) -> WriteResult:
-        try:
-            return await self.plc.write_decision(record, deadline_ns)
-        except Exception as exc:
-            log.error("plc_write_raised", error=repr(exc))
-            return WriteResult(WriteOutcome.FAILED, detail=repr(exc))
+        """Write before `deadline_ns`; while the link is only reconnecting, wait and retry.
+
+        A FAILED write on a link that is down was definitely not applied, so retrying within the
+        budget is safe and turns a short reconnect into no miss at all. A refusal on a live link
+        is not retried (it would fail again), nor is an UNKNOWN outcome (it may have been applied).
+        """
+        while True:
+            try:
+                result = await self.plc.write_decision(record, deadline_ns)
+            except Exception as exc:  # a link bug must not take the frame with it
+                log.error("plc_write_raised", error=repr(exc))
+                return WriteResult(WriteOutcome.FAILED, detail=repr(exc))
+            if result.outcome is not WriteOutcome.FAILED or self.plc.connected:
+                return result
+            left_s = (deadline_ns - self._clock_ns()) / 1e9 - _RETRY_MIN_S
+            if left_s <= 0 or not await self.plc.wait_connected(left_s):
+                return result
 
     def _record(
         self,

@@ -68,6 +68,16 @@ class DeadlineOrderedLink:
             deadline_ns, lambda: self.link.write_status(heartbeat, alarms, deadline_ns)
         )
 
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Until the link is up (True) or `timeout_s` passed (False)."""
+        waiter = getattr(self.link, "wait_connected", None)
+        if waiter is not None:
+            return bool(await waiter(timeout_s))
+        end = time.monotonic() + timeout_s
+        while not self.link.connected and time.monotonic() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        return self.link.connected
+
     async def read_part_id(self, camera_index: int, deadline_ns: int) -> int | None:
         return await self.link.read_part_id(camera_index, deadline_ns)
 

@@ -63,10 +63,13 @@ def params_for(settings: ModelSettings, manifest: Manifest) -> DecodeParams:
     return DecodeParams(conf=conf, iou=settings.iou_threshold, max_det=settings.max_det)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, iou_thres: float, max_keep: int | None = None
+) -> np.ndarray:
     """Greedy NMS with torchvision's semantics (float32 IoU, suppress when IoU > threshold).
 
-    Returns kept indices ordered by decreasing score.
+    Returns kept indices ordered by decreasing score. Greedy NMS keeps in score order, so
+    stopping at ``max_keep`` equals running it all and truncating (as ultralytics does).
     """
     n = boxes.shape[0]
     if n == 0:
@@ -80,7 +83,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
     while order.size:
         i = int(order[0])
         keep.append(i)
-        if order.size == 1:
+        if order.size == 1 or len(keep) == max_keep:
             break
         rest = order[1:]
         w = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), np.float32(0))
@@ -121,7 +124,7 @@ def select(
         top = np.argsort(-scores, kind="stable")[:MAX_NMS]
         boxes, scores, j, coeffs = boxes[top], scores[top], j[top], coeffs[top]
     offset = (j.astype(np.float32) * np.float32(MAX_WH))[:, None]
-    keep = nms(boxes + offset, scores, params.iou)[: params.max_det]
+    keep = nms(boxes + offset, scores, params.iou, params.max_det)
     return boxes[keep], scores[keep], j[keep].astype(np.int64), coeffs[keep]
 
 

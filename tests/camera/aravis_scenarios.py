@@ -195,6 +195,28 @@ def scenario_disappear(tmp: Path) -> dict[str, Any]:
             "failed_reason": failed_reason}
 
 
+def scenario_lost_hw(tmp: Path) -> dict[str, Any]:
+    """Hardware trigger: silence is normal, so only the lost control channel reveals the loss."""
+    s = settings(trigger={"mode": "triggered", "source": "hardware", "line": "Line1"},
+                 stall_timeout_s=1.0, reopen_backoff_min_s=5.0)
+    rec = Rec()
+    w = CameraWorker.from_settings(s, on_frame=rec.on_frame, on_state=rec.on_state)
+    try:
+        with fake_camera(tmp / "fake.log"):
+            w.start()
+            wait_until(lambda: w.state == "up", 10, "up")
+            idle = w.stats()["idle_reads"]
+            wait_until(lambda: w.stats()["idle_reads"] >= idle + 10, 10, "silent reads")
+            up_while_silent = w.state == "up"
+            killed_at = time.monotonic()
+        wait_until(lambda: w.state == "down", 20, "control lost")
+        detect_s = time.monotonic() - killed_at
+    finally:
+        w.stop(10)
+    return {"up_while_silent": up_while_silent, "states": [(s, r) for s, r, _t in rec.states],
+            "detect_s": detect_s, "frames": rec.n()}
+
+
 def scenario_rejected(tmp: Path) -> dict[str, Any]:
     with fake_camera(tmp / "fake.log"):
         try:
@@ -247,6 +269,33 @@ def main() -> None:
     fn = globals()[f"scenario_{name}"]
     result = fn(tmp)
     print("RESULT " + json.dumps(result, default=str), flush=True)
+
+
+
+def scenario_formats(tmp: Path) -> dict[str, Any]:
+    """Every pixel format the fake camera offers, converted to what the model takes."""
+    import numpy as np
+
+    from camera.calibrate import fresh_frame
+
+    out: dict[str, Any] = {}
+    with fake_camera(tmp / "fake.log"):
+        for fmt, output in (("Mono8", "mono8"), ("Mono16", "mono8"), ("RGB8", "bgr8"),
+                            ("BayerRG8", "bgr8"), ("BayerGB8", "mono8")):
+            src = AravisSource(settings(nodes={"width": 64, "height": 48, "pixel_format": fmt},
+                                        output=output))
+            src.open()
+            try:
+                f = fresh_frame(src.read, skip=0)
+            finally:
+                src.close()
+            img = f.image
+            chans = img.reshape(-1, img.shape[2]) if img.ndim == 3 else img.reshape(-1, 1)
+            out[fmt] = {"device": f.source_meta["device_pixel_format"], "out": f.pixel_format,
+                        "shape": list(img.shape), "dtype": str(img.dtype),
+                        "mean": float(img.mean()),
+                        "channel_means": [float(c) for c in np.mean(chans, axis=0)]}
+    return out
 
 
 if __name__ == "__main__":

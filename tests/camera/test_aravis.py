@@ -82,6 +82,23 @@ def test_calibrate_auto_exposure_reaches_target_and_is_written_back(tmp_path: Pa
     assert f"exposure_us: {r['exposure_us']}" in r["after"]
 
 
+def test_pixel_formats_convert_to_what_the_model_takes(tmp_path: Path) -> None:
+    r = scenario("formats", tmp_path)
+    assert r["Mono8"]["out"] == "Mono8" and r["Mono8"]["shape"] == [48, 64]
+    # Mono16 (same ramp, 16-bit) lands on the same 8-bit levels
+    assert r["Mono16"]["out"] == "Mono8" and abs(r["Mono16"]["mean"] - r["Mono8"]["mean"]) < 8
+    assert r["RGB8"]["out"] == "BGR8" and r["RGB8"]["shape"] == [48, 64, 3]
+    b, g, red = r["RGB8"]["channel_means"]
+    assert red > g > b  # the fake camera's jet-colormap ramp is mostly red/orange here
+    # arv-fake-gv-camera 0.8 writes its "BayerRG8" mosaic with B at (0,0) (R and B swapped
+    # relative to PFNC; see fill code in arvfakecamera.c). Demosaicing by the PFNC definition
+    # must therefore give the RGB8 image with red and blue exchanged, and green unchanged.
+    bb, bg, br = r["BayerRG8"]["channel_means"]
+    assert r["BayerRG8"]["out"] == "BGR8"
+    assert abs(bb - red) < 20 and abs(br - b) < 20 and abs(bg - g) < 20
+    assert r["BayerGB8"]["out"] == "Mono8" and r["BayerGB8"]["shape"] == [48, 64]
+
+
 def test_rejected_settings_are_listed(tmp_path: Path) -> None:
     r = scenario("rejected", tmp_path)
     assert r["type"] == "CameraConfigError"

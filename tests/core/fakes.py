@@ -66,10 +66,12 @@ class FakeLink:
     fail_next: int = 0
     writes: list[Write] = field(default_factory=list)
     status_writes: int = 0
+    down_until_ns: int = 0
+    """Until then the link is 'reconnecting': writes fail at once, definitely not applied."""
 
     @property
     def connected(self) -> bool:
-        return True
+        return time.monotonic_ns() >= self.down_until_ns
 
     async def start(self) -> None:
         return None
@@ -79,6 +81,9 @@ class FakeLink:
         if now + self.delay_s * 1e9 > deadline_ns:
             self.writes.append(Write(record, deadline_ns, now, None, WriteOutcome.DROPPED_LATE))
             return WriteResult(WriteOutcome.DROPPED_LATE)
+        if not self.connected:
+            self.writes.append(Write(record, deadline_ns, now, None, WriteOutcome.FAILED))
+            return WriteResult(WriteOutcome.FAILED, detail="not connected")
         if self.fail_next:
             self.fail_next -= 1
             self.writes.append(Write(record, deadline_ns, now, None, WriteOutcome.FAILED))

@@ -207,6 +207,8 @@ async def test_overload_one_decision_per_frame_all_in_time(
     await p.close()
     await link.close()
     n = sum(sent.values())
+    s = p.stats.summary()
+    assert s["decided"] == n and s["deadline_misses"] == 0, s["misses_by_outcome"]
     wait_until(lambda: len(plc.records) >= n, 5, "the server's record log")
     # The server's own log: exactly one record per frame, per camera in sequence order.
     per_cam: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
@@ -218,8 +220,6 @@ async def test_overload_one_decision_per_frame_all_in_time(
         assert [s for s, _, _ in got] == list(range(1, sent[cam] + 1))
         assert sorted(pt for _, pt, _ in got) == [1000 + t for t in range(sent[cam])]
         assert mbpoll_record(plc.port, slot)["sequence"] == sent[cam]
-    s = p.stats.summary()
-    assert s["decided"] == n and s["deadline_misses"] == 0
     assert s["end_to_end_ms"]["max"] < BUDGET_MS
     assert s["verdicts"].get("FAILSAFE_REJECT", 0) > 0, "overload must show as fail-safes"
     assert s["verdicts"].get("OK", 0) + s["verdicts"].get("DEFECT", 0) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 
 from edge.decision import DecisionRules, DecisionSettings
 from edge.metrics import Metrics
@@ -120,6 +121,19 @@ async def test_failed_plc_write_is_replaced_by_failsafe_with_same_sequence() -> 
     assert second.record.verdict is Verdict.FAILSAFE_REJECT
     assert second.record.reason == FailsafeReason.PLC_RETRY
     assert second.record.sequence == first.record.sequence
+    assert_invariant(link, 1)
+
+
+async def test_short_plc_reconnect_is_retried_within_the_budget() -> None:
+    det = FakeDetector()
+    link = FakeLink(down_until_ns=time.monotonic_ns() + 60_000_000)
+    p = await build(det, link)
+    p.submit(make_frame("cam0", 3))
+    assert await p.drain()
+    await p.close()
+    assert link.writes[0].outcome is WriteOutcome.FAILED
+    assert link.writes[-1].record.verdict is Verdict.OK  # the real verdict, after the reconnect
+    assert p.stats.failsafes == {} and p.stats.deadline_misses == 0
     assert_invariant(link, 1)
 
 

@@ -143,6 +143,7 @@ def test_thread_settings_reach_the_session(demo_package: Path) -> None:
     assert isinstance(d, OnnxDetector)
     opts = d.session.get_session_options()
     assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     d.close()
     with pytest.raises(ModelError, match="closed"):
         d.infer(np.zeros((1, 3, *d.input_hw), np.float32))
