@@ -197,7 +197,7 @@ def scenario_disappear(tmp: Path) -> dict[str, Any]:
 
 def scenario_lost_hw(tmp: Path) -> dict[str, Any]:
     """Hardware trigger: silence is normal, so only the lost control channel reveals the loss."""
-    s = settings(trigger={"mode": "triggered", "source": "hardware", "line": "Line1"},
+    s = settings(trigger={"mode": "triggered", "source": "hardware", "line": "Line0"},
                  stall_timeout_s=1.0, reopen_backoff_min_s=5.0)
     rec = Rec()
     w = CameraWorker.from_settings(s, on_frame=rec.on_frame, on_state=rec.on_state)

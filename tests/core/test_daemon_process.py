@@ -349,3 +349,23 @@ def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait(5)
+
+
+def test_heartbeat_stops_when_the_daemon_dies(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path
+) -> None:
+    """The PLC's watchdog relies on it: a dead daemon must leave a frozen heartbeat word."""
+    config = line_yaml(tmp_path, plc.port, demo_package)
+    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
+    try:
+        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+        first = mbpoll_registers(plc.port, 100, 1)[0]
+        wait_until(lambda: mbpoll_registers(plc.port, 100, 1)[0] != first, 5, "heartbeat moving")
+    finally:
+        d.proc.kill()  # SIGKILL: no drain, no goodbye
+        d.proc.wait(10)
+    frozen = mbpoll_registers(plc.port, 100, 1)[0]
+    # Watch for 5 heartbeat periods (100 ms each): the word must not move any more.
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        assert mbpoll_registers(plc.port, 100, 1)[0] == frozen
