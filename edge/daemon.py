@@ -86,6 +86,8 @@ class Daemon:
         self.workers: dict[str, CameraWorker] = {}
         self.heartbeat = 0
         self.alarms = Alarm(0)
+        self._plc_recovered_ns = 0
+        """When the PLC link last came back after an outage (PLC_RECOVERED alarm, held)."""
         self.spool_stats: dict[str, Any] = {}
         """Cached by the supervisor (spool stats query the DB: never on the loop)."""
         self._stop = asyncio.Event()
@@ -248,6 +250,8 @@ class Daemon:
     def _set(self, name: str, up: bool, detail: str) -> None:
         comp = self.components.setdefault(name, ComponentState())
         was_up = comp.up
+        if name == "plc" and up and not was_up and comp.detail != "starting":
+            self._plc_recovered_ns = time.monotonic_ns()
         if comp.set(up, detail):
             self.metrics.component_up.labels(name).set(1 if up else 0)
             if up != was_up or not up:
@@ -273,6 +277,8 @@ class Daemon:
             alarms |= Alarm.FAILSAFE_ACTIVE
         if self.spool_stats.get("alarms"):
             alarms |= Alarm.UPLINK_BACKLOG_HIGH
+        if self._plc_recovered_ns and time.monotonic_ns() - self._plc_recovered_ns < hold_ns:
+            alarms |= Alarm.PLC_RECOVERED
         return alarms
 
     async def _heartbeat_loop(self) -> None:

@@ -99,6 +99,14 @@ def test_pixel_formats_convert_to_what_the_model_takes(tmp_path: Path) -> None:
     assert r["BayerGB8"]["out"] == "Mono8" and r["BayerGB8"]["shape"] == [48, 64]
 
 
+def test_hardware_triggered_camera_loss_seen_through_control_channel(tmp_path: Path) -> None:
+    r = scenario("lost_hw", tmp_path)
+    assert r["up_while_silent"]  # no triggers, no frames: not a stall
+    assert [s for s, _ in r["states"]] == ["up", "down"]
+    assert "control lost" in r["states"][1][1]
+    assert r["detect_s"] < 15  # the fake camera's 3 s heartbeat timeout plus Aravis' retries
+
+
 def test_rejected_settings_are_listed(tmp_path: Path) -> None:
     r = scenario("rejected", tmp_path)
     assert r["type"] == "CameraConfigError"

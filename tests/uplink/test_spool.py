@@ -274,7 +274,12 @@ def test_corruption_found_while_running_is_quarantined_and_batch_kept(tmp_path: 
     # Move everything into the main file, then damage its b-tree pages behind the writer's back
     # (what a failing disk or a stray write does). A new write transaction must notice.
     other = sqlite3.connect(s.spool_dir / DB_NAME)
-    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def checkpointed() -> bool:  # complete, WAL reset: the writer's page cache becomes stale
+        busy, log_frames, _ = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return bool(busy == 0 and log_frames == 0)
+
+    wait_until(checkpointed, 10, "a complete WAL checkpoint")
     other.close()
     with open(s.spool_dir / DB_NAME, "r+b") as fh:
         fh.seek(4096)
