@@ -446,8 +446,8 @@ def draw_overlay(image: np.ndarray, decision: Any, detections: Sequence[Any],
     counted = {id(d) for d in decision.counted}
     for det in detections:
         colour = _PALETTE[det.class_id % len(_PALETTE)]
-        if det.mask is not None:
-            m = det.mask.astype(bool)
+        m = det.full_mask(out.shape)
+        if m is not None:
             out[m] = (0.5 * out[m] + 0.5 * np.array(colour)).astype(np.uint8)
         x1, y1, x2, y2 = (round(v) for v in det.box)
         thick = 2 if id(det) in counted else 1

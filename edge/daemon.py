@@ -25,14 +25,16 @@ import structlog
 from camera.frame import Frame
 from camera.worker import CameraWorker
 from edge.config import ConfigError, LineConfig, load_config
-from edge.decision import DecisionRules
+from edge.decision import DecisionRules, DecisionSettings
 from edge.http import ObservabilityServer
+from edge.inference import BatchRunner, ProcessRunner, ThreadRunner
 from edge.logs import configure_logging
 from edge.metrics import Metrics
 from edge.pipeline import ModelHolder, Pipeline
 from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
 from edge.systemd import Notifier
+from models.config import ModelSettings
 from models.loader import load_detector
 from models.package import load_package
 from plc.config import ModbusSettings
@@ -43,6 +45,9 @@ from uplink.forwarder import Forwarder
 from uplink.spool import Spool
 
 log = structlog.get_logger(__name__)
+
+
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class ExitCode(enum.IntEnum):
@@ -107,6 +112,10 @@ class Daemon:
 
     async def run(self, duration_s: float | None = None, status_line: bool = False) -> ExitCode:
         self._loop = asyncio.get_running_loop()
+        # The loop shares the GIL with the capture and inference threads; CPython hands it over
+        # every 5 ms by default, which would let one busy decode delay a deadline timer by that
+        # much, several times over. Hand it over more often (a little throughput for latency).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         try:
             await self._start()
         except Exception as exc:
@@ -158,7 +167,7 @@ class Daemon:
         await self.plc.start()
         await self._wait_for_plc(cfg.status.plc_startup_wait_s)
 
-        holder = await self._load_model()
+        holder = await self._load_model(cfg.model, cfg.decision)
 
         self.spool = Spool(cfg.uplink, line=cfg.line)
         try:
@@ -203,27 +212,46 @@ class Daemon:
         if not self.plc.connected:
             log.error("plc_not_connected_at_start", waited_s=limit_s)
 
-    async def _load_model(self) -> ModelHolder:
+    async def _load_model(self, model: ModelSettings, decision: DecisionSettings) -> ModelHolder:
         """Load the model package; on failure the line runs on fail-safes until a reload works."""
-        cfg = self.config
+        pipeline = self.config.pipeline
         loop = asyncio.get_running_loop()
         try:
-            package = await loop.run_in_executor(None, load_package, cfg.model.package)
-            detector = await loop.run_in_executor(None, load_detector, cfg.model)
+            package = await loop.run_in_executor(None, load_package, model.package)
             th = package.manifest.thresholds
             rules = DecisionRules(
-                cfg.decision,
-                detector.info.classes,
+                decision,
+                package.manifest.classes,
                 package_thresholds=th.per_class,
                 package_default=th.default,
                 package_min_area=th.min_area_px,
             )
-            self._set("model", True, detector.info.model_id)
-            return ModelHolder(detector, rules, package.manifest.plc_model_id)
+            settings = model
+            if settings.conf_threshold is None:
+                # Candidates below every decision threshold cannot change a verdict: don't pay
+                # for their masks (the cost grows with candidates x frame size).
+                settings = settings.model_copy(update={"conf_threshold": rules.lowest_score})
+            runners: list[BatchRunner]
+            if pipeline.isolation == "process":
+                runners = list(
+                    await asyncio.gather(
+                        *(
+                            loop.run_in_executor(None, ProcessRunner, settings, rules)
+                            for _ in range(pipeline.workers)
+                        )
+                    )
+                )
+                info = runners[0].info  # type: ignore[attr-defined]
+            else:
+                detector = await loop.run_in_executor(None, load_detector, settings)
+                runners = [ThreadRunner(detector, rules)] * pipeline.workers
+                info = detector.info
+            self._set("model", True, info.model_id)
+            return ModelHolder(runners, info, package.manifest.plc_model_id)
         except Exception as exc:
-            log.error("model_load_failed", package=str(cfg.model.package), error=str(exc))
+            log.error("model_load_failed", package=str(model.package), error=str(exc))
             self._set("model", False, f"load failed: {exc}")
-            return ModelHolder(None, None, 0)
+            return ModelHolder.empty()
 
     # ---- camera threads -> loop ----------------------------------------------------------
 
@@ -314,10 +342,13 @@ class Daemon:
             p = self.pipeline
             if p is not None:
                 busy = p.model_busy_for_s()
-                if busy > self.config.pipeline.model_hang_s:
+                hang_s = self.config.pipeline.model_hang_s
+                if busy > hang_s:
                     self._set("model", False, f"inference running for {busy:.1f}s (hung?)")
                     p.model_up = False
-                elif p.model_up and not self.components["model"].up and p.model.detector:
+                    if p.kill_hung(hang_s):
+                        p.model_up = True  # the next batch respawns the worker process
+                elif p.model_up and not self.components["model"].up and p.model.available:
                     self._set("model", True, p.model.model_id)
                 elif not p.model_up and self.components["model"].up:
                     self._set("model", False, "inference errors")
@@ -425,20 +456,20 @@ class Daemon:
             log.warning("reload_needs_restart", sections=restart_needed, applied="no (restart)")
         assert self.pipeline is not None
         if new.model != old.model or new.decision != old.decision:
-            self.config = old.model_copy(update={"model": new.model, "decision": new.decision})
-            holder = await self._load_model()
-            if holder.detector is None:
-                self.config = old
-                self._set(
-                    "model", self.pipeline.model.detector is not None, self.pipeline.model.model_id
-                )
-                log.error("reload_model_rejected", kept=self.pipeline.model.model_id)
+            holder = await self._load_model(new.model, new.decision)
+            if not holder.available:
+                current = self.pipeline.model
+                self._set("model", current.available, current.model_id)
+                log.error("reload_model_rejected", kept=current.model_id)
                 return False
             previous = self.pipeline.model
             self.pipeline.model = holder
             self.pipeline.mark_model_up()
-            if previous.detector is not None and previous.detector is not holder.detector:
-                previous.detector.close()
+            self.config = self.config.model_copy(
+                update={"model": new.model, "decision": new.decision}
+            )
+            # Batches already running on the old runners finish first; then close them.
+            asyncio.get_running_loop().run_in_executor(None, previous.close)
             log.info("reload_model_applied", model=holder.model_id)
         if new.logging != old.logging:
             configure_logging(new.logging.level, new.logging.format)
@@ -474,9 +505,8 @@ class Daemon:
                 await loop.run_in_executor(None, self.spool.flush, 10.0)
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, self.spool.close)
-        if self.pipeline is not None and self.pipeline.model.detector is not None:
-            with contextlib.suppress(Exception):
-                self.pipeline.model.detector.close()
+        if self.pipeline is not None:
+            await loop.run_in_executor(None, self.pipeline.model.close)
         if self.plc is not None:
             await self.plc.close()
         if self.plc_sim is not None:

@@ -106,6 +106,12 @@ class DecisionRules:
                 self.min_score[name] = pkg.get(name, default_score)
             self.min_area[name] = rule.min_area_px or areas.get(name, settings.min_area_px)
 
+    @property
+    def lowest_score(self) -> float:
+        """The lowest threshold any class is judged by (the decode floor for the runtime)."""
+        scores = [s for name, s in self.min_score.items() if name not in self.ignored]
+        return min(scores, default=1.0)
+
     def roi_for(self, camera_id: str) -> Roi | None:
         return self.settings.camera_roi.get(camera_id, self.settings.roi)
 
@@ -136,7 +142,8 @@ def _area_in_roi(det: Detection, roi: Roi, image_shape: tuple[int, ...]) -> int:
     if x1 <= x0 or y1 <= y0:
         return 0
     if det.mask is not None:
-        return int(np.count_nonzero(det.mask[y0:y1, x0:x1]))
+        mx, my = det.mask_origin
+        return int(np.count_nonzero(det.mask[max(0, y0 - my) : y1 - my, max(0, x0 - mx) : x1 - mx]))
     bx0, by0, bx1, by1 = det.box
     ix = max(0.0, min(bx1, x1) - max(bx0, x0))
     iy = max(0.0, min(by1, y1) - max(by0, y0))

@@ -28,18 +28,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from camera.frame import Frame
-from edge.decision import Decision, DecisionRules
+from edge.decision import Decision
+from edge.inference import BatchRunner
 from edge.metrics import Metrics
 from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
-from models.types import Detection, Detector
+from models.types import Detection, ModelInfo
 from plc.record import (
     DecisionRecord,
     FailsafeReason,
@@ -73,6 +74,9 @@ class PipelineSettings(BaseModel):
     """An inference call running this long marks the model down (alarm) until it returns."""
     model_error_threshold: int = Field(default=3, ge=1)
     """Consecutive inference errors that mark the model down."""
+    isolation: Literal["process", "thread"] = "process"
+    """Inference in worker processes (a hung model is killed and respawned, and decode never
+    competes with the deadline timers for the GIL) or in threads of the daemon."""
     masks: bool = True
     """Decode per-instance masks (area inside the ROI, outlines in events)."""
 
@@ -107,23 +111,32 @@ class Job:
     decision: Decision | None = None
 
 
-@dataclass(slots=True)
-class BatchOutput:
-    decisions: list[Decision]
-    stages_ms: dict[str, float]
-
-
 class ModelHolder:
-    """The current detector plus its decision rules; swapped atomically between batches."""
+    """The loaded model: one batch runner per inference worker, swapped atomically on reload."""
 
-    def __init__(self, detector: Detector | None, rules: DecisionRules | None, plc_model_id: int):
-        self.detector = detector
-        self.rules = rules
+    def __init__(
+        self, runners: Sequence[BatchRunner], info: ModelInfo | None, plc_model_id: int
+    ) -> None:
+        self.runners = list(runners)
+        self.info = info
         self.plc_model_id = plc_model_id
 
     @property
+    def available(self) -> bool:
+        return bool(self.runners)
+
+    @property
     def model_id(self) -> str:
-        return self.detector.info.model_id if self.detector else "none"
+        return self.info.model_id if self.info else "none"
+
+    def close(self) -> None:
+        for runner in {id(r): r for r in self.runners}.values():
+            with contextlib.suppress(Exception):
+                runner.close()
+
+    @classmethod
+    def empty(cls) -> ModelHolder:
+        return cls([], None, 0)
 
 
 class Pipeline:
@@ -167,7 +180,7 @@ class Pipeline:
         """EWMA of one batch's service time, for admission control."""
         self._busy_since: dict[int, int] = {}
         self._consecutive_errors = 0
-        self.model_up = model.detector is not None
+        self.model_up = model.available
         self.last_failsafe_ns = 0
         self._accepting = True
 
@@ -233,7 +246,7 @@ class Pipeline:
         if job.deadline_ns - now <= self._reserve_ns:
             self._spawn(self._finish_failsafe(job, FailsafeReason.LATE_ARRIVAL))
             return
-        if not self.model_up or self.model.detector is None:
+        if not self.model_up or not self.model.available:
             self._spawn(self._finish_failsafe(job, FailsafeReason.MODEL_DOWN))
             return
         if len(self._queue) >= self.settings.queue_size:
@@ -308,8 +321,7 @@ class Pipeline:
             if not batch:
                 continue
             holder = self.model
-            detector, rules = holder.detector, holder.rules
-            if detector is None or rules is None:
+            if not holder.available:
                 for job in batch:
                     self._spawn(self._finish_failsafe(job, FailsafeReason.MODEL_DOWN))
                 continue
@@ -318,13 +330,9 @@ class Pipeline:
                 job.stages_ms["queue"] = (start - job.received_ns) / _MS
             self._busy_since[index] = start
             try:
+                runner = holder.runners[index % len(holder.runners)]
                 out = await loop.run_in_executor(
-                    self._executor,
-                    _run_batch,
-                    detector,
-                    rules,
-                    [j.frame for j in batch],
-                    self.settings.masks,
+                    self._executor, runner.run, [j.frame for j in batch], self.settings.masks
                 )
             except Exception as exc:
                 self._busy_since.pop(index, None)
@@ -361,7 +369,18 @@ class Pipeline:
     def mark_model_up(self) -> None:
         """After a successful reload: accept frames for inference again."""
         self._consecutive_errors = 0
-        self.model_up = self.model.detector is not None
+        self.model_up = self.model.available
+
+    def kill_hung(self, busy_s: float) -> int:
+        """Kill the worker processes busy for longer than `busy_s`; they respawn on next use."""
+        now = self._clock_ns()
+        killed = 0
+        runners = self.model.runners
+        for index, since in list(self._busy_since.items()):
+            if runners and (now - since) / 1e9 > busy_s:
+                kill = getattr(runners[index % len(runners)], "kill", None)
+                killed += bool(kill()) if kill is not None else 0
+        return killed
 
     # ---- finishing: claim, write, account ----------------------------------------------------
 
@@ -526,41 +545,6 @@ class Pipeline:
         if not accepted:
             self.metrics.spool_rejected.inc()
             self.stats.spool_rejected += 1
-
-
-def _run_batch(
-    detector: Detector, rules: DecisionRules, frames: list[Frame], masks: bool
-) -> BatchOutput:
-    """Runs in an inference thread: every CPU-heavy step of one batch, timed per stage."""
-    t0 = time.perf_counter_ns()
-    prepared = [detector.preprocess(f.image) for f in frames]
-    t1 = time.perf_counter_ns()
-    step = max(1, detector.max_batch)
-    chunks = [prepared[i : i + step] for i in range(0, len(prepared), step)]
-    outputs = [
-        detector.infer(c[0].tensor if len(c) == 1 else np.concatenate([p.tensor for p in c]))
-        for c in chunks
-    ]
-    t2 = time.perf_counter_ns()
-    detections = [
-        d
-        for c, out in zip(chunks, outputs, strict=True)
-        for d in detector.postprocess(out, c, masks=masks)
-    ]
-    t3 = time.perf_counter_ns()
-    decisions = [
-        rules.decide(d, f.image.shape, f.camera_id) for d, f in zip(detections, frames, strict=True)
-    ]
-    t4 = time.perf_counter_ns()
-    return BatchOutput(
-        decisions,
-        {
-            "preprocess": (t1 - t0) / _MS,
-            "infer": (t2 - t1) / _MS,
-            "postprocess": (t3 - t2) / _MS,
-            "decide": (t4 - t3) / _MS,
-        },
-    )
 
 
 def _detection_dict(d: Detection) -> dict[str, object]:

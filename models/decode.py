@@ -253,8 +253,8 @@ def decode_image(
 ) -> list[Detection]:
     """Decode one image: pred [4+nc+32, N], protos [32, mh, mw] -> detections, best first.
 
-    Areas and outlines are always computed (the decision and the events need them); the full
-    HxW boolean mask is materialised only when ``masks`` is True.
+    Areas and outlines are always computed (the decision and the events need them); the
+    box-local boolean mask is kept only when ``masks`` is True.
     """
     nc = len(class_names)
     if protos.ndim != 3 or protos.shape[0] != NUM_MASK_COEFFS:
@@ -285,10 +285,6 @@ def decode_image(
         area = int(np.count_nonzero(roi))
         if area == 0:
             continue
-        full: np.ndarray | None = None
-        if masks:
-            full = np.zeros(orig_hw, dtype=bool)
-            full[r0:r1, c0:c1] = roi
         out.append(
             Detection(
                 class_id=int(cls[k]),
@@ -296,7 +292,8 @@ def decode_image(
                 score=float(scores[k]),
                 box=(x1, y1, x2, y2),
                 area_px=area,
-                mask=full,
+                mask=roi if masks else None,
+                mask_origin=(c0, r0),
                 outline=_outline(roi, (c0, r0), params.outline_epsilon_px),
             )
         )

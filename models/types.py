@@ -24,9 +24,25 @@ class Detection:
     area_px: int
     """Mask area in original-image pixels (box area when the model has no masks)."""
     mask: np.ndarray | None = None
-    """bool HxW at original resolution (None when masks were not requested)."""
+    """bool mask of the box region at original resolution (None when masks were not requested).
+
+    Box-local, not full-frame: pixel (row r, col c) of the mask is image pixel
+    (mask_origin[1] + r, mask_origin[0] + c). A 5 MP frame with a few hundred candidates would
+    otherwise allocate gigabytes per frame. ``full_mask`` gives the frame-sized array."""
+    mask_origin: tuple[int, int] = (0, 0)
+    """(x, y) of the mask's top-left pixel in the image."""
     outline: tuple[tuple[int, int], ...] = ()
     """Simplified polygon of the mask, original-image pixels, for events."""
+
+    def full_mask(self, image_shape: tuple[int, ...]) -> np.ndarray | None:
+        """The mask as a bool array of the whole image (overlays, tests), or None."""
+        if self.mask is None:
+            return None
+        full = np.zeros(image_shape[:2], dtype=bool)
+        x0, y0 = self.mask_origin
+        h, w = self.mask.shape
+        full[y0 : y0 + h, x0 : x0 + w] = self.mask
+        return full
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import pytest
 from camera.frame import Frame
 from edge.decision import DecisionRules, DecisionSettings
 from edge.metrics import Metrics
+from edge.inference import ThreadRunner
 from edge.pipeline import ModelHolder, Pipeline, PipelineSettings
 from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
@@ -107,7 +108,7 @@ async def make_pipeline(
     p = Pipeline(
         settings,
         "T",
-        ModelHolder(det, rules, 42),
+        ModelHolder([ThreadRunner(det, rules)], det.info, 42),
         link,
         None,
         Metrics(),

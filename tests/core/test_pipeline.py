@@ -8,6 +8,7 @@ import time
 
 from edge.decision import DecisionRules, DecisionSettings
 from edge.metrics import Metrics
+from edge.inference import ThreadRunner
 from edge.pipeline import ModelHolder, Pipeline, PipelineSettings
 from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
@@ -19,13 +20,19 @@ BUDGET_MS = 120.0
 
 async def build(det: FakeDetector | None, link: FakeLink, **kw: object) -> Pipeline:
     settings = PipelineSettings(budget_ms=BUDGET_MS, failsafe_reserve_ms=20, **kw)  # type: ignore[arg-type]
-    rules = DecisionRules(DecisionSettings(), det.info.classes) if det else None
+    holder = (
+        ModelHolder(
+            [ThreadRunner(det, DecisionRules(DecisionSettings(), det.info.classes))], det.info, 7
+        )
+        if det
+        else ModelHolder.empty()
+    )
     edf = DeadlineOrderedLink(link)
     await edf.start()
     p = Pipeline(
         settings,
         "L1",
-        ModelHolder(det, rules, 7),
+        holder,
         edf,
         None,
         Metrics(),

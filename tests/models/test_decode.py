@@ -150,11 +150,12 @@ def test_decode_matches_ultralytics_ops_on_synthetic_outputs(
         np.testing.assert_allclose(d.box, ref[:4], atol=1e-3)
         assert d.score == pytest.approx(float(ref[4]), abs=1e-6)
         assert d.class_id == int(ref[5])
-        assert d.mask is not None and d.mask.shape == orig
-        inter = np.logical_and(d.mask, m).sum()
-        union = np.logical_or(d.mask, m).sum()
+        full = d.full_mask(orig)
+        assert full is not None and full.shape == orig
+        inter = np.logical_and(full, m).sum()
+        union = np.logical_or(full, m).sum()
         assert inter / union > 0.995
-        assert d.area_px == int(d.mask.sum())
+        assert d.area_px == int(full.sum())
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(80, 320), (80, 240), (320, 123), (160, 1920), (7, 3)])

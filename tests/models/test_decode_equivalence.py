@@ -71,9 +71,10 @@ def _compare(ours: list[Detection], result: Any, shape: tuple[int, int]) -> list
         assert d.class_id == cls, shape
         assert d.score == pytest.approx(float(score), abs=1e-5), shape
         np.testing.assert_allclose(d.box, box, atol=1e-2, err_msg=str(shape))
-        assert d.mask is not None and mask.shape == d.mask.shape == shape
-        ious.append(_iou(d.mask, mask))
-        assert d.area_px == int(d.mask.sum())
+        full = d.full_mask(shape)
+        assert full is not None and mask.shape == full.shape == shape
+        ious.append(_iou(full, mask))
+        assert d.area_px == int(full.sum())
     return ious
 
 

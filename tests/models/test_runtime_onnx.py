@@ -64,9 +64,10 @@ def test_detects_defects_on_synthetic_images(
             assert d.class_name == detector.info.classes[d.class_id]
             x1, y1, x2, y2 = d.box
             assert 0 <= x1 <= x2 <= img.shape[1] and 0 <= y1 <= y2 <= img.shape[0]
-            assert d.mask is not None and d.mask.shape == img.shape[:2]
-            assert d.area_px == int(d.mask.sum()) > 0
-            ys, xs = np.nonzero(d.mask)
+            full = d.full_mask(img.shape)
+            assert full is not None and full.shape == img.shape[:2]
+            assert d.area_px == int(full.sum()) > 0
+            ys, xs = np.nonzero(full)
             assert xs.min() >= x1 - 1 and xs.max() <= x2 and ys.min() >= y1 - 1 and ys.max() <= y2
     assert found > 0, "the demo model detected nothing on defect images"
 

@@ -66,6 +66,13 @@ def test_engine_cache_identity(demo_package: Path, tmp_path: Path) -> None:
 # ---- on a GPU ----
 
 
+def _canvas(*dets: Detection) -> tuple[int, int]:
+    """The smallest image shape that holds the (box-local) masks of `dets`."""
+    h = max(d.mask_origin[1] + (d.mask.shape[0] if d.mask is not None else 0) for d in dets)
+    w = max(d.mask_origin[0] + (d.mask.shape[1] if d.mask is not None else 0) for d in dets)
+    return h, w
+
+
 def _match(a: list[Detection], b: list[Detection]) -> tuple[int, list[float]]:
     """Greedy match by box IoU (same class); returns matches and their mask IoUs."""
     used: set[int] = set()
@@ -80,7 +87,8 @@ def _match(a: list[Detection], b: list[Detection]) -> tuple[int, list[float]]:
                 best, best_iou = j, iou
         if best >= 0:
             used.add(best)
-            m1, m2 = d.mask, b[best].mask
+            canvas = _canvas(d, b[best])
+            m1, m2 = d.full_mask(canvas), b[best].full_mask(canvas)
             assert m1 is not None and m2 is not None
             union = np.logical_or(m1, m2).sum()
             mask_ious.append(float(np.logical_and(m1, m2).sum() / union) if union else 1.0)

@@ -223,3 +223,23 @@ async def test_drain_sends_events_that_reference_uploaded_images(
     refs = {json.loads(m.value)["image_ref"] for m in msgs} - {None}
     keys = {o.object_name for o in minio(s3).list_objects(BUCKET, recursive=True)}
     assert len(refs) == 10 and refs == keys
+
+
+async def test_daemon_killed_mid_run_then_restarted_delivers_every_committed_event(
+    tmp_path: Path, kafka: Peer
+) -> None:
+    from tests.uplink.test_spool import run_and_kill
+
+    spool_dir = tmp_path / "spool"
+    # The child spools AND forwards (the daemon's shape); SIGKILL lands mid-send.
+    committed = await asyncio.to_thread(run_and_kill, spool_dir, 4000, str(kafka.port))
+    spool = Spool(uplink_settings(tmp_path, kafka, None), "L1")
+    spool.open()
+    before = spool.backlog()["unsent_events"]
+    assert await Forwarder(spool).drain(60)
+    spool.close()
+    msgs = await consume_all(kafka.port, expect=len(set(committed)))
+    delivered = {json.loads(m.value)["event_id"] for m in msgs}
+    missing = set(committed) - delivered
+    assert not missing, f"{len(missing)} committed events never reached Kafka"
+    assert before < len(committed)  # the child had forwarded part of it before dying

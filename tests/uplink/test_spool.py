@@ -137,11 +137,11 @@ def test_corrupt_spool_is_moved_aside_and_submitting_continues(tmp_path: Path) -
     assert [r["event_id"] for r in rows(s.spool_dir)] == [ev.event_id]
 
 
-def test_kill_9_loses_no_committed_event(tmp_path: Path) -> None:
-    spool_dir = tmp_path / "spool"
+def run_and_kill(spool_dir: Path, at_least: int, *extra: str) -> list[str]:
+    """Run the child until it reported `at_least` committed ids, SIGKILL it, return the ids."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.uplink.spool_child", str(spool_dir)],
-        cwd=ROOT, stdout=subprocess.PIPE, start_new_session=True,
+        [sys.executable, "-m", "tests.uplink.spool_child", str(spool_dir), *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     committed: list[str] = []
     assert proc.stdout is not None
@@ -154,12 +154,19 @@ def test_kill_9_loses_no_committed_event(tmp_path: Path) -> None:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        wait_until(lambda: len(committed) >= 3000, 60, "3000 committed events from the child")
+        wait_until(lambda: len(committed) >= at_least or proc.poll() is not None, 60,
+                   f"{at_least} committed events from the child")
+        assert proc.poll() is None, f"child exited early with {proc.returncode}"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
     reader.join(10)
-    assert committed
+    return committed
+
+
+def test_kill_9_loses_no_committed_event(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    committed = run_and_kill(spool_dir, 3000)
 
     spool = Spool(UplinkSettings(spool_dir=spool_dir), "L1")
     spool.open()
