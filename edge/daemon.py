@@ -232,11 +232,12 @@ class Daemon:
                 # for their masks (the cost grows with candidates x frame size).
                 settings = settings.model_copy(update={"conf_threshold": rules.lowest_score})
             runners: list[BatchRunner]
+            log_cfg = (self.config.logging.level, self.config.logging.format)
             if pipeline.isolation == "process":
                 runners = list(
                     await asyncio.gather(
                         *(
-                            loop.run_in_executor(None, ProcessRunner, settings, rules)
+                            loop.run_in_executor(None, ProcessRunner, settings, rules, log_cfg)
                             for _ in range(pipeline.workers)
                         )
                     )

@@ -25,6 +25,7 @@ import structlog
 
 from camera.frame import Frame
 from edge.decision import Decision, DecisionRules
+from edge.logs import configure_logging
 from models.config import ModelSettings
 from models.loader import load_detector
 from models.types import Detector, ModelError, ModelInfo
@@ -101,9 +102,12 @@ class ThreadRunner:
         self.detector.close()
 
 
-def _child_main(conn: Connection, settings: ModelSettings, rules: DecisionRules) -> None:
+def _child_main(
+    conn: Connection, settings: ModelSettings, rules: DecisionRules, logging: tuple[str, str]
+) -> None:
     """The worker process: load the model once, then serve batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    configure_logging(*logging)
     try:
         detector = load_detector(settings)
     except Exception as exc:  # reported to the parent, which keeps the line on fail-safes
@@ -129,10 +133,15 @@ class ProcessRunner:
     """Inference in a dedicated process, respawned on demand after a crash or a kill."""
 
     def __init__(
-        self, settings: ModelSettings, rules: DecisionRules, load_timeout_s: float = 120.0
+        self,
+        settings: ModelSettings,
+        rules: DecisionRules,
+        logging: tuple[str, str] = ("info", "auto"),
+        load_timeout_s: float = 120.0,
     ) -> None:
         self.settings = settings
         self.rules = rules
+        self.logging = logging
         self.load_timeout_s = load_timeout_s
         self._ctx = mp.get_context("spawn")  # fork would copy the daemon's threads' locks
         self._lock = threading.Lock()
@@ -149,7 +158,7 @@ class ProcessRunner:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_child_main,
-            args=(child, self.settings, self.rules),
+            args=(child, self.settings, self.rules, self.logging),
             name="edge-infer",
             daemon=True,
         )

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
+from plc.record import Verdict
 from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record, mbpoll_registers
 from tests.support import wait_until
 
@@ -369,3 +370,49 @@ def test_heartbeat_stops_when_the_daemon_dies(
     end = time.monotonic() + 0.5
     while time.monotonic() < end:
         assert mbpoll_registers(plc.port, 100, 1)[0] == frozen
+
+
+def inference_children(pid: int) -> list[int]:
+    """PIDs of the daemon's worker processes (children running the inference loop)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids += [int(k) for k in text]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+@pytest.mark.parametrize("fault", ["hang", "crash"])
+def test_inference_process_hang_or_crash_fails_safe_and_recovers(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path, fault: str
+) -> None:
+    """A frozen (SIGSTOP) or killed worker: fail-safes in time, then a respawn and real verdicts."""
+    config = line_yaml(tmp_path, plc.port, demo_package, pipeline={"model_hang_s": 0.6})
+    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
+    real = (int(Verdict.OK), int(Verdict.DEFECT))
+    try:
+        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+        wait_until(lambda: any(v in real for *_, v in plc.records), 30, "first real verdict")
+        (worker,) = inference_children(d.proc.pid)
+        os.kill(worker, signal.SIGSTOP if fault == "hang" else signal.SIGKILL)
+        n = len(plc.records)
+        wait_until(
+            lambda: any(v == Verdict.FAILSAFE_REJECT for *_, v in plc.records[n:]), 10,
+            "fail-safe REJECTs while the worker is gone",
+        )
+        wait_until(lambda: d.event("inference_process_respawn") is not None, 20, "respawn")
+        m = len(plc.records)
+        wait_until(lambda: any(v in real for *_, v in plc.records[m:]), 30, "real verdicts again")
+        if fault == "hang":
+            assert d.event("inference_process_killed") is not None
+        (new_worker,) = inference_children(d.proc.pid)
+        assert new_worker != worker
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(5)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["frames"] == s["decided"] and s["deadline_misses"] == 0, s
+    reason = "inference_timeout" if fault == "hang" else "model_error"
+    assert s["failsafes"].get(reason, 0) + s["failsafes"].get("queue_wait", 0) >= 1, s

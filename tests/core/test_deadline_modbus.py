@@ -19,8 +19,8 @@ import pytest
 
 from camera.frame import Frame
 from edge.decision import DecisionRules, DecisionSettings
-from edge.metrics import Metrics
 from edge.inference import ThreadRunner
+from edge.metrics import Metrics
 from edge.pipeline import ModelHolder, Pipeline, PipelineSettings
 from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats

@@ -7,8 +7,8 @@ import collections
 import time
 
 from edge.decision import DecisionRules, DecisionSettings
-from edge.metrics import Metrics
 from edge.inference import ThreadRunner
+from edge.metrics import Metrics
 from edge.pipeline import ModelHolder, Pipeline, PipelineSettings
 from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
