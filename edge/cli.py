@@ -130,17 +130,16 @@ def swap_model(
     The daemon loads the new model beside the running one and swaps between batches; a package
     that fails to load is refused and the old model keeps running.
     """
-    from edge.yamledit import set_yaml_value
+    from edge.yamledit import update_yaml
     from models.package import load_package
     from models.types import ModelPackageError
 
     try:
         pkg = load_package(package)
-    except ModelPackageError as exc:
+        update_yaml(config, [(["model", "package"], str(package.resolve()))])
+    except (ModelPackageError, ValueError) as exc:
         typer.echo(f"refused: {exc}", err=True)
         raise typer.Exit(1) from None
-    set_yaml_value(config, ["model", "package"], str(package.resolve()))
-    _load_or_exit(config)
     m = pkg.manifest
     typer.echo(
         f"{config}: model.package -> {package} ({m.name} {m.version}, sha256 "
@@ -152,20 +151,15 @@ def swap_model(
 
 
 def _mount_subcommands() -> None:
-    import importlib
-
-    from edge import bench
+    from edge import bench, cli_camera, cli_model, cli_plc, cli_uplink
 
     app.command("bench")(bench.bench_command)
-    for name in ("camera", "plc", "uplink", "model"):  # TODO(lead): strict imports at the end
-        try:
-            mod = importlib.import_module(f"edge.cli_{name}")
-        except ImportError:
-            continue
-        app.add_typer(mod.app, name=name)
-        if name == "camera":
-            app.command("calibrate")(mod.calibrate_command)
-            app.command("replay")(mod.replay_command)
+    app.add_typer(cli_camera.app, name="camera")
+    app.add_typer(cli_plc.app, name="plc")
+    app.add_typer(cli_uplink.app, name="uplink")
+    app.add_typer(cli_model.app, name="model")
+    app.command("calibrate")(cli_camera.calibrate_command)
+    app.command("replay")(cli_camera.replay_command)
 
 
 _mount_subcommands()

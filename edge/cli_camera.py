@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +27,7 @@ from camera.config import (
 )
 from camera.frame import Frame
 from camera.source import CameraError, FrameSource
+from edge.yamledit import update_yaml
 
 app = typer.Typer(
     help="Cameras: list producers, devices and key nodes; take a snapshot.",
@@ -214,99 +213,6 @@ def snapshot_command(
 
 
 # -- edge calibrate -----------------------------------------------------------------------------
-def update_yaml(path: Path, updates: Sequence[tuple[Sequence[str | int], Any]]) -> None:
-    """Set values in a YAML file, keeping its comments and layout (ruamel round-trip).
-
-    Missing mappings on the way are created. The result is validated as a line config before it
-    replaces the file (atomically), so a calibration can never leave a line unable to start.
-    """
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
-
-    from edge.config import ConfigError, load_config
-
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.indent(mapping=2, sequence=4, offset=2)  # the project's style: "  - id: cam0"
-    yaml.width = 4096  # never re-wrap a long value (paths) the author wrote on one line
-    doc = yaml.load(path.read_text(encoding="utf-8"))
-    for keys, value in updates:
-        node, i = doc, 0
-        while i < len(keys) - 1 and _has(node, keys[i]):
-            node, i = node[keys[i]], i + 1
-        new = CommentedMap(value) if isinstance(value, dict) else value
-        for key in reversed(keys[i + 1 :]):  # build what is missing, then insert it once
-            new = CommentedMap({key: new})
-        _append(node, keys[i], new)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            load_config(Path(tmp))
-        except ConfigError as exc:
-            problems = "\n".join(exc.problems)
-            raise ValueError(f"the updated config would not validate:\n{problems}") from None
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _has(node: Any, key: Any) -> bool:
-    if isinstance(node, list):
-        return isinstance(key, int) and key < len(node)
-    return isinstance(node, dict) and key in node and node[key] is not None
-
-
-def _deepest(node: Any, key: Any) -> tuple[Any, Any]:
-    """The mapping and key of the last scalar under ``node[key]`` (where ruamel hangs the
-    comments and blank lines that follow a block)."""
-    from ruamel.yaml.comments import CommentedMap
-
-    while isinstance(node[key], CommentedMap) and len(node[key]):
-        node, key = node[key], list(node[key].keys())[-1]
-    return node, key
-
-
-def _append(node: Any, key: str | int, value: Any) -> None:
-    """Set ``node[key]``; a NEW key goes last, and the blank lines that separated the mapping
-    from the next section move below it (ruamel keeps them on the previous last key, which
-    would otherwise put the new key after the gap, visually inside the next section)."""
-    from ruamel.yaml.comments import CommentedMap
-    from ruamel.yaml.tokens import CommentToken
-
-    if not isinstance(node, CommentedMap):
-        node[key] = value
-        return
-    if key in node:  # replacing: a gap below the old block stays below the new one
-        old_map, old_key = _deepest(node, key)
-        entry = old_map.ca.items.get(old_key)
-        node[key] = value
-        if entry and isinstance(value, CommentedMap) and len(value):
-            new_map, new_key = _deepest(node, key)
-            new_map.ca.items[new_key] = entry
-        return
-    keys = list(node.keys())
-    node[key] = value
-    if not keys:
-        return
-    prev_map, prev_key = _deepest(node, keys[-1])
-    entry = prev_map.ca.items.get(prev_key)
-    tok = entry[2] if entry and len(entry) > 2 else None
-    if tok is None or "\n" not in tok.value:
-        return
-    nl = tok.value.index("\n")
-    head, tail = tok.value[: nl + 1], tok.value[nl + 1 :]
-    if not tail or tail.strip("\n"):
-        return  # nothing but the line end, or a real comment follows: leave it in place
-    tok.value = head
-    new_map, new_key = _deepest(node, key)
-    new_map.ca.items[new_key] = [None, None, CommentToken("\n" + tail, tok.start_mark, None), None]
-
-
 def _roi_from_config(cfg: Any, cam_id: str) -> tuple[int, int, int, int] | None:
     roi = cfg.decision.camera_roi.get(cam_id, cfg.decision.roi)
     return None if roi is None else (roi.x, roi.y, roi.width, roi.height)

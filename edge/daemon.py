@@ -15,7 +15,6 @@ import enum
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +100,6 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.monotonic()
         self.exit_reason = "not started"
-        self.ready = asyncio.Event()
 
     # ---- public --------------------------------------------------------------------------
 
@@ -128,7 +126,6 @@ class Daemon:
         if status_line:
             self._tasks.append(asyncio.create_task(self._status_line()))
         self.notifier.ready(self._status_text())
-        self.ready.set()
         log.info(
             "daemon_ready",
             line=self.config.line,
@@ -519,26 +516,12 @@ class Daemon:
 
 
 def run_daemon(
-    config: LineConfig,
-    config_path: Path | None,
-    duration_s: float | None,
-    status_line: bool,
-    on_ready: Callable[[Daemon], None] | None = None,
+    config: LineConfig, config_path: Path | None, duration_s: float | None, status_line: bool
 ) -> tuple[ExitCode, Daemon]:
+    """Run a daemon to completion in a fresh event loop; the daemon is returned for its stats."""
     daemon = Daemon(config, config_path)
-
-    async def main() -> ExitCode:
-        if on_ready is not None:
-
-            async def call_ready() -> None:
-                await daemon.ready.wait()
-                on_ready(daemon)
-
-            asyncio.get_running_loop().create_task(call_ready())
-        return await daemon.run(duration_s, status_line)
-
     try:
-        code = asyncio.run(main())
+        code = asyncio.run(daemon.run(duration_s, status_line))
     except Exception:
         log.exception("daemon_crashed")
         code = ExitCode.INTERNAL_ERROR

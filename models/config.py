@@ -41,6 +41,10 @@ class ModelSettings(BaseModel):
     intra_op_threads: int = Field(default=2, ge=1, le=256)
     """ONNX Runtime threads inside one operator: set to the cores given to inference."""
     inter_op_threads: int = Field(default=1, ge=1, le=256)
+    blas_threads: int | None = Field(default=1, ge=1, le=256)
+    """Process-wide BLAS (OpenBLAS) thread cap set at load. The decode's matrix products are tiny;
+    a multi-threaded BLAS pool busy-waits after each one and fights ONNX Runtime for the cores
+    (2-core box: postprocess 10.7 -> 0.55 ms p50, infer 12.6 -> ~6 ms). None leaves it alone."""
     spin_wait: bool = False
     """Let ONNX Runtime's worker threads busy-wait between runs. Off by default: on a small box
     the spinning threads steal the cores that decode, capture and the PLC link need."""

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import structlog
 
 from models.config import ModelSettings
 from models.package import NUM_MASK_COEFFS, Manifest
 from models.preprocess import letterbox_params
 from models.types import Detection, ModelError, Prepared
+
+log = structlog.get_logger(__name__)
 
 MAX_WH = 7680
 """ultralytics' per-class box offset for class-aware NMS in one pass."""
@@ -61,6 +64,26 @@ def params_for(settings: ModelSettings, manifest: Manifest) -> DecodeParams:
         lowest = min([t.default, *t.per_class.values()])
         conf = min(float(hint) if isinstance(hint, (int, float)) else 0.25, lowest)
     return DecodeParams(conf=conf, iou=settings.iou_threshold, max_det=settings.max_det)
+
+
+def limit_blas_threads(n: int | None) -> None:
+    """Cap every loaded BLAS library (numpy's and OpenCV's OpenBLAS) at ``n`` threads.
+
+    Process-wide on purpose: the only BLAS work in the daemon is this module's small products,
+    and an idle-spinning BLAS pool steals the cores inference and I/O need.
+    """
+    if n is None:
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        log.warning(
+            "blas_threads_not_limited",
+            hint="pip install threadpoolctl (a runtime dependency): without it OpenBLAS threads "
+            "spin and slow inference on small machines",
+        )
+        return
+    threadpool_limits(limits=n, user_api="blas")
 
 
 def nms(
@@ -344,6 +367,7 @@ __all__ = [
     "MaskMapper",
     "decode_image",
     "letterbox_params",
+    "limit_blas_threads",
     "nms",
     "params_for",
     "postprocess",

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import structlog
 
 from models.config import ModelSettings
-from models.decode import MaskMapper, params_for, postprocess
+from models.decode import MaskMapper, limit_blas_threads, params_for, postprocess
 from models.package import ModelPackage, check_io_shapes
 from models.preprocess import PAD_VALUE, preprocess
 from models.types import Detection, ModelError, ModelInfo, ModelPackageError, Prepared
@@ -88,6 +88,7 @@ class OnnxDetector:
         self.max_batch = settings.max_batch
         self._classes = tuple(manifest.classes)
         self._params = params_for(settings, manifest)
+        limit_blas_threads(settings.blas_threads)
         self._mapper = MaskMapper()
         self.providers: list[str] = session.get_providers()
         self.info: ModelInfo = package.info("onnxruntime")

@@ -36,7 +36,7 @@ import numpy as np
 import structlog
 
 from models.config import ModelSettings, TensorRTSettings
-from models.decode import MaskMapper, params_for, postprocess
+from models.decode import MaskMapper, limit_blas_threads, params_for, postprocess
 from models.package import ModelPackage, check_io_shapes
 from models.preprocess import PAD_VALUE, preprocess
 from models.types import Detection, ModelError, ModelInfo, Prepared
@@ -446,6 +446,7 @@ class TensorRTDetector:
 
         self._classes = tuple(manifest.classes)
         self._params = params_for(settings, manifest)
+        limit_blas_threads(settings.blas_threads)
         self._mapper = MaskMapper()
         self._closed = False
         self.engine_path = engine_path

@@ -145,6 +145,11 @@ def test_thread_settings_reach_the_session(demo_package: Path) -> None:
     opts = d.session.get_session_options()
     assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    # BLAS pools (numpy's and OpenCV's OpenBLAS) are capped so they do not spin against ORT.
+    from threadpoolctl import threadpool_info
+
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(i["num_threads"] == 1 for i in blas)
     d.close()
     with pytest.raises(ModelError, match="closed"):
         d.infer(np.zeros((1, 3, *d.input_hw), np.float32))
