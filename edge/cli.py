@@ -81,8 +81,6 @@ def run(
             "sequence_gaps": c.sequence_gaps,
             "heartbeats_received": c.heartbeats_received,
         }
-    if tty:
-        sys.stderr.write("\n")
     typer.echo(format_summary(summary))
     if json_summary:
         json_summary.write_text(json.dumps(summary, indent=2, default=str))

@@ -100,6 +100,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.monotonic()
         self.exit_reason = "not started"
+        self._status_task: asyncio.Task[None] | None = None
 
     # ---- public --------------------------------------------------------------------------
 
@@ -124,7 +125,8 @@ class Daemon:
         if duration_s is not None:
             self._loop.call_later(duration_s, self.request_stop, f"duration {duration_s:g}s")
         if status_line:
-            self._tasks.append(asyncio.create_task(self._status_line()))
+            self._status_task = asyncio.create_task(self._status_line())
+            self._tasks.append(self._status_task)
         self.notifier.ready(self._status_text())
         log.info(
             "daemon_ready",
@@ -479,6 +481,9 @@ class Daemon:
 
     async def _shutdown(self) -> bool:
         self.notifier.stopping()
+        if self._status_task is not None:
+            self._status_task.cancel()
+            sys.stderr.write("\n")  # end the live status line before the shutdown logs
         log.info("daemon_stopping", reason=self.exit_reason)
         loop = asyncio.get_running_loop()
         await asyncio.gather(
