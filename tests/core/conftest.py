@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, stop_pid
+from tests.support import free_port, mbpoll_read, stop_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_PACKAGE = ROOT / "models" / "demo" / "package"
@@ -33,39 +32,9 @@ class PlcProcess:
         return mbpoll_record(self.port, slot)
 
 
-def mbpoll_registers(port: int, address: int, count: int) -> list[int]:
-    """Holding registers read by mbpoll (Debian), a Modbus client this project did not write."""
-    out = subprocess.run(
-        [
-            "mbpoll",
-            "-m",
-            "tcp",
-            "-p",
-            str(port),
-            "-a",
-            "1",
-            "-0",
-            "-r",
-            str(address),
-            "-c",
-            str(count),
-            "-t",
-            "4",
-            "-1",
-            "127.0.0.1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
-    values = dict((int(a), int(v)) for a, v in re.findall(r"^\[(\d+)\]:\s+(-?\d+)", out, re.M))
-    return [values[address + i] & 0xFFFF for i in range(count)]
-
-
 def mbpoll_record(port: int, slot: int) -> dict[str, int]:
     """Decode a record per docs/plc-register-map.md (big-endian words, high word first)."""
-    w = mbpoll_registers(port, RECORD_BASE + slot * RECORD_STRIDE, 10)
+    w = mbpoll_read(port, RECORD_BASE + slot * RECORD_STRIDE, 10)
     return {
         "part_id": w[0] << 16 | w[1],
         "verdict": w[2],

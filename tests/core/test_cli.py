@@ -1,4 +1,4 @@
-"""`edge swap-model`: a verified package goes into the YAML (comments kept); a bad one is refused."""
+"""`edge swap-model`: a verified package goes into the YAML (comments kept), a bad one never."""
 
 from __future__ import annotations
 
@@ -29,13 +29,21 @@ def test_swap_model_updates_yaml_keeping_comments_and_refuses_tampered(
         f.seek(4096)
         f.write(bytes([byte[0] ^ 0xFF]))
 
-    r = subprocess.run([*EDGE, "swap-model", str(bad), "--config", str(config)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*EDGE, "swap-model", str(bad), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "refused" in r.stderr and "sha256" in r.stderr.lower(), r.stderr
     assert config.read_text() == text, "a refused package must leave the YAML untouched"
 
-    r = subprocess.run([*EDGE, "swap-model", str(good), "--config", str(config)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [*EDGE, "swap-model", str(good), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     after = config.read_text()
     assert f"package: {good}" in after

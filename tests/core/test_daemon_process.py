@@ -6,6 +6,7 @@ mbpoll after the daemon is gone); the spool is read with sqlite3 directly.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from plc.record import Verdict
-from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record, mbpoll_registers
-from tests.support import wait_until
+from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record
+from tests.support import mbpoll_read, wait_until
 
 EDGE = [sys.executable, "-m", "edge"]
 
@@ -116,6 +118,21 @@ class DaemonProc:
         return next((rec for rec in self.lines if rec.get("event") == name), None)
 
 
+@contextlib.contextmanager
+def running_daemon(
+    config: Path, tmp: Path, env: dict[str, str] | None = None
+) -> Iterator[DaemonProc]:
+    """`edge run` started and ready; killed by its PID if the test leaves it running."""
+    d = DaemonProc(config, env if env is not None else dict(os.environ), tmp / "summary.json")
+    try:
+        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(5)
+
+
 @pytest.fixture
 def notify(tmp_path: Path):
     n = NotifySocket(tmp_path / "notify.sock")
@@ -129,10 +146,8 @@ def test_sigterm_drains_and_everything_is_accounted(
     config = line_yaml(tmp_path, plc.port, demo_package)
     env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "600000"}
     summary_path = tmp_path / "summary.json"
-    d = DaemonProc(config, env, summary_path)
-    try:
-        wait_until(lambda: bool(notify.seen("READY=1")), 60, "READY=1 from the daemon")
-        wait_until(lambda: d.event("daemon_ready") is not None, 5, "daemon_ready log line")
+    with running_daemon(config, tmp_path, env) as d:
+        wait_until(lambda: bool(notify.seen("READY=1")), 5, "READY=1 from the daemon")
         ready = d.event("daemon_ready")
         assert ready is not None
         port = ready["http_port"]
@@ -146,10 +161,6 @@ def test_sigterm_drains_and_everything_is_accounted(
         assert b'edge_component_up{component="plc"} 1.0' in metrics
         d.proc.send_signal(signal.SIGTERM)
         rc = d.proc.wait(30)
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(5)
     assert rc == 0, d.lines[-5:]
     s = json.loads(summary_path.read_text())
     assert s["exit_reason"] == "SIGTERM"
@@ -263,9 +274,7 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
     tmp_path: Path, plc: PlcProcess, demo_package: Path
 ) -> None:
     config = line_yaml(tmp_path, plc.port, demo_package)
-    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
-    try:
-        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+    with running_daemon(config, tmp_path) as d:
         # 1. A valid change of decision rules and a restart-only section.
         text = config.read_text()
         config.write_text(
@@ -287,10 +296,6 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
         assert d.proc.poll() is None
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(5)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["frames"] == s["decided"] and s["deadline_misses"] == 0
 
@@ -321,16 +326,14 @@ def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
     config = line_yaml(tmp_path, plc.port, demo_package)
     text = config.read_text().replace(str(DEMO_SAMPLES), str(images))
     config.write_text(text.replace("loop: true", "loop: true\n  reopen_backoff_max_s: 0.5"))
-    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
 
     def alarm_word() -> int:
-        return mbpoll_registers(plc.port, 101, 1)[0]
+        return mbpoll_read(plc.port, 101, 1)[0]
 
-    try:
-        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+    with running_daemon(config, tmp_path) as d:
         wait_until(lambda: alarm_word() & 1 == 1, 20, "CAMERA_DOWN bit in the PLC alarm word")
-        hb1 = mbpoll_registers(plc.port, 100, 1)[0]
-        wait_until(lambda: mbpoll_registers(plc.port, 100, 1)[0] != hb1, 5, "heartbeat moving")
+        hb1 = mbpoll_read(plc.port, 100, 1)[0]
+        wait_until(lambda: mbpoll_read(plc.port, 100, 1)[0] != hb1, 5, "heartbeat moving")
         port = d.event("daemon_ready")["http_port"]  # type: ignore[index]
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
@@ -346,10 +349,6 @@ def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
         wait_until(lambda: alarm_word() & 1 == 0, 10, "CAMERA_DOWN cleared")
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(5)
 
 
 def test_heartbeat_stops_when_the_daemon_dies(
@@ -357,19 +356,16 @@ def test_heartbeat_stops_when_the_daemon_dies(
 ) -> None:
     """The PLC's watchdog relies on it: a dead daemon must leave a frozen heartbeat word."""
     config = line_yaml(tmp_path, plc.port, demo_package)
-    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
-    try:
-        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
-        first = mbpoll_registers(plc.port, 100, 1)[0]
-        wait_until(lambda: mbpoll_registers(plc.port, 100, 1)[0] != first, 5, "heartbeat moving")
-    finally:
+    with running_daemon(config, tmp_path) as d:
+        first = mbpoll_read(plc.port, 100, 1)[0]
+        wait_until(lambda: mbpoll_read(plc.port, 100, 1)[0] != first, 5, "heartbeat moving")
         d.proc.kill()  # SIGKILL: no drain, no goodbye
         d.proc.wait(10)
-    frozen = mbpoll_registers(plc.port, 100, 1)[0]
+    frozen = mbpoll_read(plc.port, 100, 1)[0]
     # Watch for 5 heartbeat periods (100 ms each): the word must not move any more.
     end = time.monotonic() + 0.5
     while time.monotonic() < end:
-        assert mbpoll_registers(plc.port, 100, 1)[0] == frozen
+        assert mbpoll_read(plc.port, 100, 1)[0] == frozen
 
 
 def inference_children(pid: int) -> list[int]:
@@ -387,16 +383,15 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
 ) -> None:
     """A frozen (SIGSTOP) or killed worker: fail-safes in time, then a respawn and real verdicts."""
     config = line_yaml(tmp_path, plc.port, demo_package, pipeline={"model_hang_s": 0.6})
-    d = DaemonProc(config, dict(os.environ), tmp_path / "summary.json")
     real = (int(Verdict.OK), int(Verdict.DEFECT))
-    try:
-        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
+    with running_daemon(config, tmp_path) as d:
         wait_until(lambda: any(v in real for *_, v in plc.records), 30, "first real verdict")
         (worker,) = inference_children(d.proc.pid)
         os.kill(worker, signal.SIGSTOP if fault == "hang" else signal.SIGKILL)
         n = len(plc.records)
         wait_until(
-            lambda: any(v == Verdict.FAILSAFE_REJECT for *_, v in plc.records[n:]), 10,
+            lambda: any(v == Verdict.FAILSAFE_REJECT for *_, v in plc.records[n:]),
+            10,
             "fail-safe REJECTs while the worker is gone",
         )
         wait_until(lambda: d.event("inference_process_respawn") is not None, 20, "respawn")
@@ -408,10 +403,6 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
         assert new_worker != worker
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(5)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["frames"] == s["decided"] and s["deadline_misses"] == 0, s
     reason = "inference_timeout" if fault == "hang" else "model_error"

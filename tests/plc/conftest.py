@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -99,46 +97,6 @@ def pymodbustcp_server(tmp_path: Path) -> Iterator[Peer]:
         stop_pid(proc)
 
 
-_MBPOLL_LINE = re.compile(r"^\[(\d+)\]:\s+0x([0-9A-Fa-f]{4})\s*$")
-
-
-def mbpoll_read(port: int, address: int, count: int, unit: int = 1) -> list[int]:
-    """Holding registers read by Debian's mbpoll (libmodbus), an independent Modbus client."""
-    exe = shutil.which("mbpoll")
-    assert exe, "mbpoll missing: apt-get install mbpoll"
-    out = subprocess.run(
-        [
-            exe,
-            "-m",
-            "tcp",
-            "-p",
-            str(port),
-            "-a",
-            str(unit),
-            "-0",
-            "-r",
-            str(address),
-            "-c",
-            str(count),
-            "-t",
-            "4:hex",
-            "-1",
-            "-o",
-            "2",
-            "127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout
-    regs = {
-        int(m.group(1)): int(m.group(2), 16)
-        for line in out.splitlines()
-        if (m := _MBPOLL_LINE.match(line.strip()))
-    }
-    assert sorted(regs) == list(range(address, address + count)), out
-    return [regs[a] for a in range(address, address + count)]
 
 
 ROOT = Path(__file__).resolve().parents[2]

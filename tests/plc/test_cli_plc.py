@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from edge.cli_plc import TEST_REASON, app
 from plc.sim import ModbusPlcSimulator
-from tests.plc.conftest import Peer, S7Peer, mbpoll_read
+from tests.plc.conftest import Peer, S7Peer
+from tests.support import mbpoll_read
 
 runner = CliRunner()
 

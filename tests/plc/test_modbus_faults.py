@@ -26,8 +26,8 @@ from plc.config import ModbusSettings
 from plc.modbus import ModbusLink
 from plc.record import DecisionRecord, Verdict, WriteOutcome, WriteResult
 from plc.sim import ModbusPlcSimulator
-from tests.plc.conftest import Peer, hang, mbpoll_read
-from tests.support import free_port, port_open, stop_pid, wait_until
+from tests.plc.conftest import Peer, hang
+from tests.support import free_port, mbpoll_read, port_open, stop_pid, wait_until
 
 MS = 1_000_000
 SLACK_S = 0.010

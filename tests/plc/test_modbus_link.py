@@ -19,8 +19,8 @@ from plc.config import ModbusSettings
 from plc.modbus import ModbusLink
 from plc.record import Alarm, DecisionRecord, Verdict, WriteOutcome
 from plc.sim import ModbusPlcSimulator
-from tests.plc.conftest import Peer, mbpoll_read
-from tests.support import free_port
+from tests.plc.conftest import Peer
+from tests.support import free_port, mbpoll_read
 
 MS = 1_000_000
 
