@@ -16,7 +16,7 @@ import numpy as np
 class Frame:
     camera_id: str
     frame_id: int
-    """Device frame counter (or the source's own counter), unwrapped to a monotonically growing int."""
+    """Device frame counter (or the source's own), unwrapped to a monotonically growing int."""
     part_id: int
     """Trigger count in triggered mode (one trigger = one part); equal to frame_id in free-run."""
     captured_ns: int
