@@ -13,6 +13,7 @@ apt_test_packages=(
   libmodbus-dev       # independent Modbus TCP server (a small C program built by a fixture)
   aravis-tools        # arv-fake-gv-camera-0.8: a real GigE Vision camera emulator
   gir1.2-aravis-0.8 python3-gi
+  libgirepository1.0-dev libcairo2-dev pkg-config  # to build PyGObject (the aravis extra)
   iproute2 util-linux # ip, unshare: private network namespaces for GigE Vision tests
   systemd             # systemd-analyze verify for the unit file
   gcc
@@ -32,7 +33,7 @@ fi
 
 case "$mode" in
   runtime) extras="" ;;
-  test) extras="[test,train,opcua,bench]" ;;
+  test) extras="[test,train,opcua,bench,aravis]" ;;
   *) echo "usage: $0 runtime|test" >&2; exit 2 ;;
 esac
 
