@@ -74,13 +74,22 @@ def synth(
     seed: Annotated[int, typer.Option(help="Seed: same seed, same images and labels.")] = 0,
     size: Annotated[int, typer.Option(help="Image width and height in pixels.")] = 256,
     defect_fraction: Annotated[float, typer.Option(help="Share of images with defects.")] = 0.5,
+    fractions: Annotated[
+        str, typer.Option(help="train,val,test shares, e.g. 0,0,1 for a pure hold-out set.")
+    ] = "0.7,0.15,0.15",
 ) -> None:
     """Generate a synthetic defect data set (scratch, pit, crack, stain; 70/15/15 split)."""
     from models.synth import SynthConfig, write_dataset
 
-    cfg = SynthConfig(width=size, height=size, defect_fraction=defect_fraction)
-    with _bars() as bar:
-        path = write_dataset(out, n, seed=seed, cfg=cfg, progress=bar("synth", n))
+    try:
+        tr, va, te = (float(v) for v in fractions.split(","))
+        cfg = SynthConfig(width=size, height=size, defect_fraction=defect_fraction)
+        with _bars() as bar:
+            path = write_dataset(
+                out, n, seed=seed, cfg=cfg, fractions=(tr, va, te), progress=bar("synth", n)
+            )
+    except ValueError as e:
+        raise _fail(f"{e} (--fractions wants three numbers: train,val,test)") from e
     console.print(f"wrote {path}")
 
 

@@ -25,7 +25,12 @@ LR2=${LR2:-0.001}
 EPOCHS=${EPOCHS:-300}       # upper bound on epochs (the time budget usually ends first)
 BATCH=${BATCH:-16}
 LR0=${LR0:-0.00232}
-RECALL=${RECALL:-0.95}      # recall target for the operating point (validation split)
+RECALL=${RECALL:-0.97}      # recall target for the operating point, on the validation split:
+                            # 2 points above the gate's 0.95 so the test recall has a margin for
+                            # sampling noise (~120-240 defects per split). With 0.95 the val
+                            # threshold sat on the edge and the original test split got 0.933.
+HOLDOUT_SEED=${HOLDOUT_SEED:-2027}
+HOLDOUT_N=${HOLDOUT_N:-500}
 VERSION=${VERSION:-$(date -u +%Y.%m.%d)}
 OUT=${OUT:-models/demo/package}
 EDGE_MODEL=${EDGE_MODEL:-"python -m edge.cli_model"}
@@ -41,7 +46,20 @@ $NICE $EDGE_MODEL train --data "$WORK/data/data.yaml" --scale p --imgsz "$SIZE" 
     --close-mosaic 5 --no-val --project "$WORK/runs" --name demo2 \
     --weights "$WORK/runs/demo/weights/last.pt"
 $EDGE_MODEL export --weights "$WORK/runs/demo2/weights/best.pt" --out "$WORK/model.onnx" --imgsz "$SIZE"
-$NICE $EDGE_MODEL evaluate --model "$WORK/model.onnx" --data "$WORK/data/data.yaml" \
+# The gate judges a FRESH hold-out set (another seed, never seen by training or by any choice made
+# while building this recipe); the threshold is chosen on the training set's val split.
+$EDGE_MODEL synth --out "$WORK/holdout" --n "$HOLDOUT_N" --seed "$HOLDOUT_SEED" --size "$SIZE" \
+    --fractions 0,0,1
+python - "$WORK" <<'PY'
+import sys
+from pathlib import Path
+from models.datasets.yolo import write_data_yaml
+from models.synth import CLASSES
+work = Path(sys.argv[1]).resolve()
+write_data_yaml(work / "data", CLASSES, {"test": str(work / "holdout" / "images" / "test")},
+                filename="../eval-data.yaml")
+PY
+$NICE $EDGE_MODEL evaluate --model "$WORK/model.onnx" --data "$WORK/eval-data.yaml" \
     --out "$WORK/eval.json" --recall-target "$RECALL"
 python - "$WORK" "$SEED" "$N" "$SIZE" <<'PY'
 import json, sys
@@ -49,7 +67,8 @@ work, seed, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.a
 s1 = json.load(open(f"{work}/runs/demo/recipe.json"))
 s2 = json.load(open(f"{work}/runs/demo2/recipe.json"))
 json.dump({
-    "data": f"synthetic: models.synth seed={seed} n={n} size={size}x{size} split 70/15/15",
+    "data": f"synthetic: models.synth seed={seed} n={n} size={size}x{size} split 70/15/15; "
+            f"metrics on a fresh hold-out (seed 2027, 500 images)",
     "recipe": "scripts/make_demo_model.sh",
     "epochs": s1["epochs_done"] + s2["epochs_done"],
     "wall_s": round(s1["wall_s"] + s2["wall_s"], 1),

@@ -106,7 +106,10 @@ def write_sample(
 
 
 def write_data_yaml(
-    root: Path, names: Sequence[str], extra: Mapping[str, object] | None = None
+    root: Path,
+    names: Sequence[str],
+    extra: Mapping[str, object] | None = None,
+    filename: str = "data.yaml",
 ) -> Path:
     """The ``data.yaml`` ultralytics reads; absolute path so runs work from any cwd."""
     doc: dict[str, object] = {
@@ -118,7 +121,7 @@ def write_data_yaml(
     }
     if extra:
         doc.update(extra)
-    path = root / "data.yaml"
+    path = root / filename
     yml = YAML(typ="safe", pure=True)
     yml.default_flow_style = False
     with path.open("w") as fh:
@@ -127,13 +130,19 @@ def write_data_yaml(
 
 
 def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    """Sizes of train/val/test for ``n`` items; val and test get at least one item when n >= 3."""
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    """Sizes of train/val/test for ``n`` items; a split with a share > 0 gets at least one item."""
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
     n_val = round(n * fractions[1])
     n_test = round(n * fractions[2])
-    if n >= 3:
-        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    if fractions[1] > 0:
+        n_val = max(n_val, 1)
+    if fractions[2] > 0:
+        n_test = max(n_test, 1)
+    if fractions[0] == 0:
+        n_test = n - n_val
+    if n_val + n_test > n or (fractions[0] > 0 and n_val + n_test >= n):
+        raise ValueError(f"{n} items cannot fill the splits {fractions}")
     return n - n_val - n_test, n_val, n_test
 
 

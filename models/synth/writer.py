@@ -28,7 +28,7 @@ def write_dataset(
     The split is by image (every synthetic image is an independent part, so there is nothing to
     leak); it is a seeded shuffle so the same seed gives the same split.
     """
-    if n_images < 3:
+    if n_images < sum(1 for f in fractions if f > 0):
         raise ValueError("need at least 3 images (one per split)")
     cfg = cfg or SynthConfig()
     out.mkdir(parents=True, exist_ok=True)

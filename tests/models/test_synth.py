@@ -117,3 +117,13 @@ def test_all_classes_are_generated() -> None:
 def test_too_few_images_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 3"):
         write_dataset(tmp_path, 2)
+
+
+def test_pure_holdout_set_and_bad_fractions(tmp_path: Path) -> None:
+    data = write_dataset(
+        tmp_path / "h", 10, seed=1, cfg=SynthConfig(width=64, height=64), fractions=(0.0, 0.0, 1.0)
+    )
+    doc = load_data_yaml(data)
+    assert len(split_images(doc, "test")) == 10
+    with pytest.raises(ValueError, match="sum to 1"):
+        write_dataset(tmp_path / "x", 10, fractions=(0.5, 0.5, 0.5))

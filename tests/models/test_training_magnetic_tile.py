@@ -51,7 +51,7 @@ def fake_tree(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
         h, w = int(rng.integers(200, 300)), int(rng.integers(100, 400))
         for exp in range(3):
             img = rng.integers(60, 200, (h, w), dtype=np.uint8)
-            mask = np.zeros((h, w), np.uint8)
+            mask: np.ndarray = np.zeros((h, w), np.uint8)
             if folder != "MT_Free" and tile != 3:  # tile 3: defective folder, empty mask
                 cv2.circle(mask, (w // 2, h // 2), 12 + exp, 255, -1)
                 mask = cv2.GaussianBlur(mask, (5, 5), 1.5)  # soft edges like the real masks
