@@ -164,7 +164,10 @@ class Daemon:
             log.info("plc_simulator_started", host=plc_settings.host, port=port)
         self.plc = DeadlineOrderedLink(create_link(plc_settings, camera_slots=n_slots))
         await self.plc.start()
-        await self._wait_for_plc(cfg.status.plc_startup_wait_s)
+        # Give the PLC a moment before frames flow; one that stays away is an alarm, not a reason
+        # to keep the line blind (its own watchdog rejects parts while we are absent).
+        if not await self.plc.wait_connected(cfg.status.plc_startup_wait_s):
+            log.error("plc_not_connected_at_start", waited_s=cfg.status.plc_startup_wait_s)
 
         holder = await self._load_model(cfg.model, cfg.decision)
 
@@ -186,10 +189,20 @@ class Daemon:
         self.pipeline.start()
 
         if cfg.observability.enabled:
-            self.http = ObservabilityServer(
-                cfg.observability.host, cfg.observability.port, self.metrics.registry, self.health
-            )
-            self.http.start()
+            obs = cfg.observability
+            try:
+                self.http = ObservabilityServer(
+                    obs.host, obs.port, self.metrics.registry, self.health
+                )
+                self.http.start()
+            except OSError as exc:  # a busy port costs the metrics, never the line
+                log.error(
+                    "observability_unavailable",
+                    host=obs.host,
+                    port=obs.port,
+                    error=str(exc),
+                    fix="choose another observability.port",
+                )
 
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         self._tasks.append(asyncio.create_task(self._supervise_loop(), name="supervise"))
@@ -200,16 +213,6 @@ class Daemon:
             )
             self.workers[cam.id] = worker
             worker.start()
-
-    async def _wait_for_plc(self, limit_s: float) -> None:
-        """Give the PLC a moment before frames flow; a PLC that stays away is an alarm, not a
-        reason to keep the line blind (its own watchdog rejects parts while we are absent)."""
-        assert self.plc is not None
-        end = time.monotonic() + limit_s
-        while not self.plc.connected and time.monotonic() < end:  # noqa: ASYNC110 - link has no event
-            await asyncio.sleep(0.02)
-        if not self.plc.connected:
-            log.error("plc_not_connected_at_start", waited_s=limit_s)
 
     async def _load_model(self, model: ModelSettings, decision: DecisionSettings) -> ModelHolder:
         """Load the model package; on failure the line runs on fail-safes until a reload works."""

@@ -220,10 +220,6 @@ class Pipeline:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     def model_busy_for_s(self) -> float:
         """Longest time an inference call has been running (0 if none): the hang detector."""
         if not self._busy_since:
