@@ -25,7 +25,7 @@ gi.require_version("Aravis", "0.8")
 from gi.repository import Aravis, Gio, GLib  # noqa: E402
 
 from camera.config import AravisCameraSettings, TriggeredMode  # noqa: E402
-from camera.counters import FrameIdUnwrapper  # noqa: E402
+from camera.counters import FrameIdUnwrapper, part_id_of  # noqa: E402
 from camera.frame import Frame  # noqa: E402
 from camera.nodes import Kind, NodeReport, Step, Value, apply, describe, plan  # noqa: E402
 from camera.pixels import convert  # noqa: E402
@@ -250,12 +250,10 @@ class AravisSource:
         frame_id = self._ids(raw_id)
         if self._first_id is None:
             self._first_id = frame_id
-        if self._software_trigger:
-            part_id = self._triggers.answered()
-        elif self._triggered:
-            part_id = self._part_base + (frame_id - self._first_id) + 1
-        else:
-            part_id = frame_id
+        part_id = part_id_of(
+            frame_id, self._first_id, self._part_base, self._triggered,
+            self._triggers.answered if self._software_trigger else None,
+        )
         self._last_part = max(self._last_part, part_id)
         ts = int(buf.get_timestamp())
         return Frame(

@@ -7,6 +7,8 @@ counts and latency figures must survive those wraps instead of reporting a 65 53
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class FrameIdUnwrapper:
     """Raw device frame ids -> a monotonically growing id whose gaps are real losses.
@@ -80,3 +82,23 @@ class TimestampUnwrapper:
             self._offset += (max(whole, 0) * p) + (p if raw < self._last_raw else 0)
         self._last_raw, self._last_host = raw, host_ns
         return raw + self._offset
+
+
+def part_id_of(
+    frame_id: int,
+    first_frame_id: int,
+    part_base: int,
+    triggered: bool,
+    answered: Callable[[], int] | None,
+) -> int:
+    """The part a frame belongs to.
+
+    Software trigger: the trigger it answers (triggers are queued one at a time). Hardware
+    trigger: the device counts one frame per trigger, so the frame-id delta maps frames to
+    triggers even when a frame is lost in between. Free run: every frame is its own part.
+    """
+    if answered is not None:
+        return answered()
+    if triggered:
+        return part_base + (frame_id - first_frame_id) + 1
+    return frame_id

@@ -26,7 +26,7 @@ import structlog
 from harvesters.core import Harvester, ImageAcquirer
 
 from camera.config import DeviceSelector, GenicamCameraSettings, TriggeredMode
-from camera.counters import FrameIdUnwrapper, TimestampUnwrapper
+from camera.counters import FrameIdUnwrapper, TimestampUnwrapper, part_id_of
 from camera.frame import Frame
 from camera.nodes import Kind, NodeReport, Value, apply, describe, plan
 from camera.pixels import convert
@@ -363,14 +363,10 @@ class GenicamSource:
         frame_id = s.frame_ids(raw_id) if raw_id is not None else s.frame_ids.next()
         if s.first_frame_id is None:
             s.first_frame_id = frame_id
-        if self._software_trigger:
-            part_id = self._triggers.answered()
-        elif self._triggered:
-            # Hardware trigger: the device counts one frame per trigger, so the id delta maps
-            # frames to triggers even when a frame is lost in between.
-            part_id = s.part_base + (frame_id - s.first_frame_id) + 1
-        else:
-            part_id = frame_id
+        part_id = part_id_of(
+            frame_id, s.first_frame_id, s.part_base, self._triggered,
+            self._triggers.answered if self._software_trigger else None,
+        )
         self._last_part = max(self._last_part, part_id)
         ready_ns = time.monotonic_ns()
         return Frame(

@@ -9,17 +9,16 @@ inside one ``infer`` call; a dynamic-batch export runs the whole batch at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import onnxruntime as ort
 import structlog
 
 from models.config import ModelSettings
-from models.decode import MaskMapper, limit_blas_threads, params_for, postprocess
+from models.decode import MaskMapper, limit_blas_threads, params_for
 from models.package import ModelPackage, check_io_shapes
-from models.preprocess import PAD_VALUE, preprocess
-from models.types import Detection, ModelError, ModelInfo, ModelPackageError, Prepared
+from models.preprocess import PAD_VALUE
+from models.segbase import SegDetectorBase
+from models.types import ModelError, ModelInfo, ModelPackageError
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +48,7 @@ def choose_providers(settings: ModelSettings) -> list[str]:
     return chosen
 
 
-class OnnxDetector:
+class OnnxDetector(SegDetectorBase):
     """models.types.Detector on an ONNX Runtime session."""
 
     def __init__(self, package: ModelPackage, settings: ModelSettings) -> None:
@@ -125,9 +124,6 @@ class OnnxDetector:
             for _ in range(runs):
                 self.infer(batch)
 
-    def preprocess(self, image: np.ndarray) -> Prepared:
-        return preprocess(image, self._input_hw, self._dtype)
-
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         session = self._session
         if session is None:
@@ -160,24 +156,6 @@ class OnnxDetector:
                 chunk = np.concatenate([chunk, np.zeros((fixed - real, *expected), chunk.dtype)])
             parts.append([o[:real] for o in self._run(np.ascontiguousarray(chunk))])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-    def postprocess(
-        self, outputs: list[np.ndarray], prepared: Sequence[Prepared], *, masks: bool = True
-    ) -> list[list[Detection]]:
-        return postprocess(
-            outputs,
-            prepared,
-            self._classes,
-            self._input_hw,
-            self._params,
-            masks=masks,
-            mapper=self._mapper,
-        )
-
-    def detect(self, image: np.ndarray, *, masks: bool = True) -> list[Detection]:
-        """Convenience for tools and tests: preprocess + infer + postprocess of one image."""
-        p = self.preprocess(image)
-        return self.postprocess(self.infer(p.tensor), [p], masks=masks)[0]
 
     def close(self) -> None:
         # Dropping the session frees its arena; later calls raise ModelError.

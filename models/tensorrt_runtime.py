@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,11 @@ import numpy as np
 import structlog
 
 from models.config import ModelSettings, TensorRTSettings
-from models.decode import MaskMapper, limit_blas_threads, params_for, postprocess
+from models.decode import MaskMapper, limit_blas_threads, params_for
 from models.package import ModelPackage, check_io_shapes
 from models.preprocess import PAD_VALUE, preprocess
-from models.types import Detection, ModelError, ModelInfo, Prepared
+from models.segbase import SegDetectorBase
+from models.types import ModelError, ModelInfo
 
 log = structlog.get_logger(__name__)
 
@@ -371,7 +372,7 @@ def build_engine_for_package(package: ModelPackage, settings: ModelSettings) -> 
 # ---- the detector ----
 
 
-class TensorRTDetector:
+class TensorRTDetector(SegDetectorBase):
     """models.types.Detector on a TensorRT engine, in-process."""
 
     def __init__(self, package: ModelPackage, settings: ModelSettings) -> None:
@@ -445,6 +446,7 @@ class TensorRTDetector:
             self._ctx.pop()
 
         self._classes = tuple(manifest.classes)
+        self._dtype = self._in_dtype.type
         self._params = params_for(settings, manifest)
         limit_blas_threads(settings.blas_threads)
         self._mapper = MaskMapper()
@@ -462,9 +464,6 @@ class TensorRTDetector:
             capacity=self._capacity,
             tensorrt=version,
         )
-
-    def preprocess(self, image: np.ndarray) -> Prepared:
-        return preprocess(image, self._input_hw, self._in_dtype.type)
 
     def _run_chunk(self, chunk: np.ndarray) -> list[np.ndarray]:
         cuda = self._cuda
@@ -505,23 +504,6 @@ class TensorRTDetector:
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-    def postprocess(
-        self, outputs: list[np.ndarray], prepared: Sequence[Prepared], *, masks: bool = True
-    ) -> list[list[Detection]]:
-        return postprocess(
-            outputs,
-            prepared,
-            self._classes,
-            self._input_hw,
-            self._params,
-            masks=masks,
-            mapper=self._mapper,
-        )
-
-    def detect(self, image: np.ndarray, *, masks: bool = True) -> list[Detection]:
-        p = self.preprocess(image)
-        return self.postprocess(self.infer(p.tensor), [p], masks=masks)[0]
 
     def close(self) -> None:
         with self._lock:
