@@ -407,3 +407,27 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
     assert s["frames"] == s["decided"] and s["deadline_misses"] == 0, s
     reason = "inference_timeout" if fault == "hang" else "model_error"
     assert s["failsafes"].get(reason, 0) + s["failsafes"].get("queue_wait", 0) >= 1, s
+
+
+def test_daemon_end_to_end_from_a_genicam_camera(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path
+) -> None:
+    """harvesters + the TLSimu GenTL producer -> model -> Modbus: every triggered part decided."""
+    from camera.genicam import default_cti
+
+    camera = {
+        "id": "gt0", "type": "genicam", "plc_slot": 0, "cti": [str(default_cti())],
+        "device": {"serial_number": "SN_InterfaceA_0"}, "nodes": {"width": 320, "height": 256},
+        "trigger": {"mode": "triggered", "source": "software", "rate_hz": 20},
+        "timestamp_wrap_ns": 1_000_000_000,
+    }
+    config = line_yaml(tmp_path, plc.port, demo_package, cameras=[camera])
+    with running_daemon(config, tmp_path) as d:
+        wait_until(lambda: len(plc.records) >= 30, 30, "30 decisions from the GenICam camera")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["frames"] == s["decided"] >= 30 and s["deadline_misses"] == 0, s
+    wait_until(lambda: len(plc.records) >= s["decided"], 5, "the server's record log")
+    parts = [part for _c, _seq, part, _v in plc.records]
+    assert parts == list(range(1, len(parts) + 1)), "part id = software trigger count"
