@@ -17,6 +17,7 @@ import typer
 from pydantic import ValidationError
 from ruamel.yaml import YAML, YAMLError
 
+from edge.config import resolve_paths
 from uplink.config import UplinkSettings
 from uplink.forwarder import Forwarder
 from uplink.spool import (
@@ -59,15 +60,18 @@ def load_settings(config: Path | None, spool_dir: Path | None) -> tuple[UplinkSe
     line = doc.get("line", "line")
     if isinstance(line, dict):
         line = line.get("name", "line")
-    if spool_dir is not None:
-        section = {**section, "spool_dir": str(spool_dir)}
     try:
-        return UplinkSettings.model_validate(section), str(line)
+        settings = UplinkSettings.model_validate(section)
     except ValidationError as exc:
         for err in exc.errors():
             path = ".".join(["uplink", *(str(p) for p in err["loc"])])
             typer.echo(f"error: {path}: {err['msg']}", err=True)
         raise typer.Exit(2) from exc
+    if config is not None:  # relative paths are relative to the YAML, as for the daemon
+        resolve_paths(settings, config.resolve().parent)
+    if spool_dir is not None:
+        settings.spool_dir = spool_dir.resolve()
+    return settings, str(line)
 
 
 def _age(ts: float | None) -> str:

@@ -150,25 +150,25 @@ def load_config(path: Path) -> LineConfig:
         cfg = LineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(path, format_errors(exc, data)) from None
-    _resolve_paths(cfg, path.resolve().parent)
+    resolve_paths(cfg, path.resolve().parent)
     return cfg
 
 
-def _resolve_paths(model: BaseModel, base: Path) -> None:
+def resolve_paths(model: BaseModel, base: Path) -> None:
     """Make every relative Path in the config relative to the YAML's folder."""
     for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, Path) and not value.is_absolute():
             object.__setattr__(model, name, (base / value).resolve())
         elif isinstance(value, BaseModel):
-            _resolve_paths(value, base)
+            resolve_paths(value, base)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
-                    _resolve_paths(item, base)
+                    resolve_paths(item, base)
                 elif isinstance(item, Path) and not item.is_absolute():
                     value[i] = (base / item).resolve()
         elif isinstance(value, dict):
             for item in value.values():
                 if isinstance(item, BaseModel):
-                    _resolve_paths(item, base)
+                    resolve_paths(item, base)
