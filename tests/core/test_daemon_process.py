@@ -381,7 +381,9 @@ def inference_children(pid: int) -> list[int]:
 def test_inference_process_hang_or_crash_fails_safe_and_recovers(
     tmp_path: Path, plc: PlcProcess, demo_package: Path, fault: str
 ) -> None:
-    """A frozen (SIGSTOP) or killed worker: fail-safes in time, then a respawn and real verdicts."""
+    """A frozen (SIGSTOP) or killed worker: every frame still decided in time, then a respawn and
+    real verdicts. A frozen worker outlives the budget, so its frames must be fail-safed; a killed
+    one may be respawned fast enough that its frames still get real verdicts."""
     config = line_yaml(tmp_path, plc.port, demo_package, pipeline={"model_hang_s": 0.6})
     real = (int(Verdict.OK), int(Verdict.DEFECT))
     with running_daemon(config, tmp_path) as d:
@@ -389,11 +391,12 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
         (worker,) = inference_children(d.proc.pid)
         os.kill(worker, signal.SIGSTOP if fault == "hang" else signal.SIGKILL)
         n = len(plc.records)
-        wait_until(
-            lambda: any(v == Verdict.FAILSAFE_REJECT for *_, v in plc.records[n:]),
-            10,
-            "fail-safe REJECTs while the worker is gone",
-        )
+        if fault == "hang":
+            wait_until(
+                lambda: any(v == Verdict.FAILSAFE_REJECT for *_, v in plc.records[n:]),
+                10,
+                "fail-safe REJECTs while the worker is frozen",
+            )
         wait_until(lambda: d.event("inference_process_respawn") is not None, 20, "respawn")
         m = len(plc.records)
         wait_until(lambda: any(v in real for *_, v in plc.records[m:]), 30, "real verdicts again")
@@ -405,8 +408,10 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
         assert d.proc.wait(30) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["frames"] == s["decided"] and s["deadline_misses"] == 0, s
-    reason = "inference_timeout" if fault == "hang" else "model_error"
-    assert s["failsafes"].get(reason, 0) + s["failsafes"].get("queue_wait", 0) >= 1, s
+    allowed = {"inference_timeout", "queue_wait", "model_error", "model_down", "plc_retry"}
+    assert set(s["failsafes"]) <= allowed, s
+    if fault == "hang":
+        assert s["failsafes"].get("inference_timeout", 0) + s["failsafes"].get("queue_wait", 0), s
 
 
 def test_daemon_end_to_end_from_a_genicam_camera(
