@@ -46,6 +46,10 @@ class BatchRunner(Protocol):
 
     def run(self, frames: list[Frame], masks: bool) -> BatchOutput: ...
 
+    def kill(self) -> bool:
+        """Stop a hung batch if the runner can (True if it did)."""
+        ...
+
     def close(self) -> None: ...
 
 

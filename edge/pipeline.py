@@ -331,12 +331,12 @@ class Pipeline:
                     self._executor, runner.run, [j.frame for j in batch], self.settings.masks
                 )
             except Exception as exc:
-                self._busy_since.pop(index, None)
                 self._on_model_error(exc)
                 for job in batch:
                     self._spawn(self._finish_failsafe(job, FailsafeReason.MODEL_ERROR))
                 continue
-            self._busy_since.pop(index, None)
+            finally:
+                self._busy_since.pop(index, None)
             elapsed = self._clock_ns() - start
             self._service_ns = (
                 elapsed if self._service_ns <= 0 else 0.8 * self._service_ns + 0.2 * elapsed
@@ -374,8 +374,7 @@ class Pipeline:
         runners = self.model.runners
         for index, since in list(self._busy_since.items()):
             if runners and (now - since) / 1e9 > busy_s:
-                kill = getattr(runners[index % len(runners)], "kill", None)
-                killed += bool(kill()) if kill is not None else 0
+                killed += runners[index % len(runners)].kill()
         return killed
 
     # ---- finishing: claim, write, account ----------------------------------------------------

@@ -134,13 +134,7 @@ class OnnxDetector(SegDetectorBase):
             raise ModelError(f"onnxruntime inference failed: {e}") from e
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        expected = (3, *self._input_hw)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
-            raise ModelError(
-                f"batch shape {batch.shape}; expected Nx{'x'.join(map(str, expected))}"
-            )
-        if batch.shape[0] > self.max_batch:
-            raise ModelError(f"batch of {batch.shape[0]} exceeds max_batch={self.max_batch}")
+        self._check_batch(batch)
         if batch.dtype != self._dtype:
             batch = batch.astype(self._dtype)
         fixed = self._fixed_batch
@@ -153,7 +147,8 @@ class OnnxDetector(SegDetectorBase):
             chunk = batch[start : start + fixed]
             real = chunk.shape[0]
             if real < fixed:
-                chunk = np.concatenate([chunk, np.zeros((fixed - real, *expected), chunk.dtype)])
+                pad = np.zeros((fixed - real, *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
             parts.append([o[:real] for o in self._run(np.ascontiguousarray(chunk))])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 

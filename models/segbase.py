@@ -13,7 +13,7 @@ import numpy as np
 
 from models.decode import DecodeParams, MaskMapper, postprocess
 from models.preprocess import preprocess
-from models.types import Detection, Prepared
+from models.types import Detection, ModelError, Prepared
 
 
 class SegDetectorBase:
@@ -23,9 +23,20 @@ class SegDetectorBase:
     _classes: tuple[str, ...]
     _params: DecodeParams
     _mapper: MaskMapper
+    max_batch: int
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def _check_batch(self, batch: np.ndarray) -> None:
+        """Refuse a batch the network cannot take, naming the shape it expects."""
+        expected = (3, *self._input_hw)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
+            raise ModelError(
+                f"batch shape {batch.shape}; expected Nx{'x'.join(map(str, expected))}"
+            )
+        if batch.shape[0] > self.max_batch:
+            raise ModelError(f"batch of {batch.shape[0]} exceeds max_batch={self.max_batch}")
 
     def preprocess(self, image: np.ndarray) -> Prepared:
         return preprocess(image, self._input_hw, self._dtype)

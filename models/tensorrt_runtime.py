@@ -481,13 +481,7 @@ class TensorRTDetector(SegDetectorBase):
         return [h[:n].astype(np.float32, copy=True) for h in self._h_out]
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        expected = (3, *self._input_hw)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.shape[0] < 1:
-            raise ModelError(
-                f"batch shape {batch.shape}; expected Nx{'x'.join(map(str, expected))}"
-            )
-        if batch.shape[0] > self.max_batch:
-            raise ModelError(f"batch of {batch.shape[0]} exceeds max_batch={self.max_batch}")
+        self._check_batch(batch)
         with self._lock:
             if self._closed:
                 raise ModelError("detector is closed")
