@@ -15,7 +15,7 @@ HOURS=${HOURS:-0.6}
 EPOCHS=${EPOCHS:-300}
 BATCH=${BATCH:-16}
 LR0=${LR0:-0.00232}
-EDGE_MODEL=${EDGE_MODEL:-"python -m edge.cli_model"}
+EDGE_MODEL=${EDGE_MODEL:-"python -m edge.cli.model"}
 NICE=${NICE:-"nice -n 10"}
 
 $EDGE_MODEL convert-magnetic-tile --src "$SRC" --out "$WORK/data" --seed 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edge.cli_model import app
+from edge.cli.model import app
 from models.datasets.yolo import load_data_yaml, split_images
 from models.tensorrt_runtime import tensorrt_available
 from models.training.evaluate import EvalReport, ImageScores

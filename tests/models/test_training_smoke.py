@@ -157,7 +157,7 @@ def test_report_of_another_model_is_refused(
 def test_cli_gate_exits_nonzero_and_package_refuses(
     trained: dict[str, Path], exported: Path, report_path: Path
 ) -> None:
-    from edge.cli_model import app
+    from edge.cli.model import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["gate", "--eval", str(report_path)])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from edge.cli_plc import TEST_REASON, app
+from edge.cli.plc import TEST_REASON, app
 from plc.sim import ModbusPlcSimulator
 from tests.plc.conftest import Peer, S7Peer
 from tests.support import mbpoll_read

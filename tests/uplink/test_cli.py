@@ -11,7 +11,7 @@ import pytest
 from minio import Minio
 from typer.testing import CliRunner
 
-from edge.cli_uplink import app
+from edge.cli.uplink import app
 from tests.uplink.conftest import BUCKET, S3_KEY, S3_SECRET, Peer
 from tests.uplink.helpers import make_event, make_image
 from tests.uplink.test_forward import consume_all

@@ -1,4 +1,4 @@
-"""`edge`: the one command a technician or a rollout script uses on a line PC."""
+"""`edge run`, `edge config check` and `edge swap-model`: the daemon and its config."""
 
 from __future__ import annotations
 
@@ -11,48 +11,20 @@ from typing import Annotated, Any
 
 import typer
 
-from edge.config import DEMO_CONFIG, ConfigError, LineConfig, load_config
+from edge.cli.common import ConfigOpt, load_or_exit
 
-app = typer.Typer(
-    help="Edge visual-inspection appliance: run the line daemon, benchmark, calibrate, manage "
-    "models, test the PLC and the uplink.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
 config_app = typer.Typer(help="Validate line configs.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="Line YAML; default: the embedded demo (configs/demo.yaml)."
-    ),
-]
-
-
-def _load_or_exit(path: Path) -> LineConfig:
-    from edge.daemon import ExitCode
-
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        typer.echo(f"config error in {exc.path}:", err=True)
-        for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
-        raise typer.Exit(int(ExitCode.CONFIG_ERROR)) from None
-
 
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="Line YAML to validate.")]) -> None:
     """Validate FILE; print every problem with its key path; exit 2 if there is any."""
-    cfg = _load_or_exit(file)
+    cfg = load_or_exit(file)
     typer.echo(
         f"{file}: OK (line {cfg.line}, {len(cfg.cameras)} camera(s), plc {cfg.plc.type}, "
         f"model {cfg.model.package})"
     )
 
 
-@app.command()
 def run(
     config: ConfigOpt = None,
     duration: Annotated[
@@ -63,11 +35,12 @@ def run(
     ] = None,
 ) -> None:
     """Run the line daemon (the demo when no --config is given)."""
+    from edge.config import DEMO_CONFIG
     from edge.daemon import run_daemon
     from edge.logs import configure_logging, under_systemd
 
     path = config or DEMO_CONFIG
-    cfg = _load_or_exit(path)
+    cfg = load_or_exit(path)
     configure_logging(cfg.logging.level, cfg.logging.format)
     tty = sys.stderr.isatty() and not under_systemd()
     code, daemon = run_daemon(cfg, path, duration, status_line=tty)
@@ -115,7 +88,6 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@app.command("swap-model")
 def swap_model(
     package: Annotated[Path, typer.Argument(help="Model package folder (manifest.json + model).")],
     config: Annotated[Path, typer.Option("--config", "-c", help="The line YAML to update.")],
@@ -148,16 +120,3 @@ def swap_model(
         typer.echo(f"sent SIGHUP to {pid}; watch the log for reload_model_applied")
 
 
-def _mount_subcommands() -> None:
-    from edge import bench, cli_camera, cli_model, cli_plc, cli_uplink
-
-    app.command("bench")(bench.bench_command)
-    app.add_typer(cli_camera.app, name="camera")
-    app.add_typer(cli_plc.app, name="plc")
-    app.add_typer(cli_uplink.app, name="uplink")
-    app.add_typer(cli_model.app, name="model")
-    app.command("calibrate")(cli_camera.calibrate_command)
-    app.command("replay")(cli_camera.replay_command)
-
-
-_mount_subcommands()

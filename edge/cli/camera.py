@@ -27,6 +27,7 @@ from camera.config import (
 )
 from camera.frame import Frame
 from camera.source import CameraError, FrameSource
+from edge.cli.common import fail, load_or_exit
 from edge.yamledit import update_yaml
 
 app = typer.Typer(
@@ -45,17 +46,11 @@ CameraOpt = Annotated[
 CameraSettingsT = ReplayCameraSettings | GenicamCameraSettings | AravisCameraSettings
 
 
-def _fail(msg: str, code: int = 1) -> typer.Exit:
-    typer.echo(msg, err=True)
-    return typer.Exit(code)
-
-
 def _load(config: Path | None) -> tuple[Path, Any]:
-    from edge.cli import _load_or_exit
     from edge.config import DEMO_CONFIG
 
     path = config or DEMO_CONFIG
-    return path, _load_or_exit(path)
+    return path, load_or_exit(path)
 
 
 def _pick(cfg: Any, camera: str | None) -> tuple[int, CameraSettingsT]:
@@ -65,7 +60,7 @@ def _pick(cfg: Any, camera: str | None) -> tuple[int, CameraSettingsT]:
     for i, c in enumerate(cams):
         if c.id == camera:
             return i, c
-    raise _fail(f"no camera {camera!r} in the config; cameras: {[c.id for c in cams]}", 2)
+    raise fail(f"no camera {camera!r} in the config; cameras: {[c.id for c in cams]}", 2)
 
 
 @contextmanager
@@ -76,7 +71,7 @@ def _opened(settings: CameraSettingsT) -> Iterator[FrameSource]:
     try:
         src.open()
     except CameraError as exc:
-        raise _fail(
+        raise fail(
             f"cannot open camera {settings.id}: {exc}\n(is the line's daemon running? a camera "
             "accepts one controlling application: stop the daemon first)"
         ) from None
@@ -100,7 +95,7 @@ def _grab(src: FrameSource, settings: CameraSettingsT, timeout_s: float) -> Fram
         return fresh_frame(src.read, skip=0, timeout_s=timeout_s,
                            trigger=src.trigger if soft else None)
     except CameraError as exc:
-        raise _fail(f"camera {settings.id}: {exc}") from None
+        raise fail(f"camera {settings.id}: {exc}") from None
 
 
 # -- edge camera list ---------------------------------------------------------------------------
@@ -140,7 +135,7 @@ def list_command(
 
         sim = default_cti()
         if sim is None:
-            raise _fail("give --cti PATH, --address IP or --config FILE", 2)
+            raise fail("give --cti PATH, --address IP or --config FILE", 2)
         typer.echo(f"(no --cti/--address/--config: listing the simulator {sim})")
         producers.append([sim])
     for paths in producers:
@@ -206,7 +201,7 @@ def snapshot_command(
         frame = _grab(src, settings, timeout)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), frame.image):
-        raise _fail(f"cannot write {out}")
+        raise fail(f"cannot write {out}")
     h, w = frame.image.shape[:2]
     typer.echo(f"{out}: {w}x{h} {frame.pixel_format} camera {frame.camera_id} "
                f"frame {frame.frame_id} part {frame.part_id}")
@@ -257,7 +252,7 @@ def calibrate_command(
     try:
         region = parse_roi(roi) if roi else _roi_from_config(cfg, settings.id)
     except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     trig = settings.trigger
     soft = isinstance(trig, TriggeredMode) and trig.source == "software"
     notes: list[str] = []
@@ -273,7 +268,7 @@ def calibrate_command(
             if region is not None:
                 h, w = frame.image.shape[:2]
                 if region[0] + region[2] > w or region[1] + region[3] > h:
-                    raise _fail(f"ROI {region} does not fit the {w}x{h} image", 2)
+                    raise fail(f"ROI {region} does not fit the {w}x{h} image", 2)
             if target_mean is not None:
                 acc = getattr(src, "node_access", lambda: None)()
                 if acc is None:
@@ -313,7 +308,7 @@ def calibrate_command(
                 typer.echo(f"focus: last {score:.1f}, best seen {best:.1f}")
                 notes.append(f"best focus seen: {best:.1f}")
         except CameraError as exc:
-            raise _fail(f"camera {settings.id}: {exc}") from None
+            raise fail(f"camera {settings.id}: {exc}") from None
     lv = levels(frame.image, region)
     focus = focus_score(frame.image, region)
     img = render_report(frame.image, roi=region, focus=focus, lv=lv,
@@ -336,7 +331,7 @@ def calibrate_command(
     try:
         update_yaml(config, updates)
     except ValueError as exc:
-        raise _fail(f"{config} not changed: {exc}") from None
+        raise fail(f"{config} not changed: {exc}") from None
     for keys, value in updates:
         typer.echo(f"{config}: {'.'.join(map(str, keys))} = {value}")
 
@@ -397,7 +392,7 @@ def replay_command(
         rules = DecisionRules(cfg.decision, detector.info.classes, package_thresholds=th.per_class,
                               package_default=th.default, package_min_area=th.min_area_px)
     except (ModelError, ModelPackageError, ValueError) as exc:
-        raise _fail(f"model: {exc}") from None
+        raise fail(f"model: {exc}") from None
     src = ReplaySource(ReplayCameraSettings(
         type="replay", id=cam.id, plc_slot=0, path=images, fps=0, loop=False,
         grayscale=grayscale,
@@ -405,7 +400,7 @@ def replay_command(
     try:
         src.open()
     except CameraError as exc:
-        raise _fail(str(exc), 2) from None
+        raise fail(str(exc), 2) from None
     out.mkdir(parents=True, exist_ok=True)
     roi = _roi_from_config(cfg, cam.id)
     counts: dict[str, int] = {}

@@ -422,7 +422,5 @@ def build_engine(
     console.print(f"wrote engine {path}")
 
 
-if (
-    __name__ == "__main__"
-):  # `python -m edge.cli_model ...` works before the lead mounts `edge model`
+if __name__ == "__main__":  # `python -m edge.cli.model ...`: the training scripts use it
     app()

@@ -1,0 +1,39 @@
+"""What every `edge` command group shares: loading a line config the way the daemon does, and
+turning a refusal into a clear message with the documented exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge.config import DEMO_CONFIG, ConfigError, LineConfig, load_config
+
+CONFIG_ERROR_EXIT = 2
+"""Matches edge.daemon.ExitCode.CONFIG_ERROR (systemd does not restart on it)."""
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="Line YAML; default: the embedded demo (configs/demo.yaml)."
+    ),
+]
+
+
+def fail(msg: str, code: int = 1) -> typer.Exit:
+    """Print `msg` on stderr and return the Exit to raise (``raise fail(...)``)."""
+    typer.echo(msg, err=True)
+    return typer.Exit(code)
+
+
+def load_or_exit(path: Path | None) -> LineConfig:
+    """The line config at `path` (the demo when None), or every problem printed and exit 2."""
+    path = path or DEMO_CONFIG
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"config error in {exc.path}:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(CONFIG_ERROR_EXIT) from None
