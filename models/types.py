@@ -57,6 +57,10 @@ class ModelInfo:
     """"onnxruntime" or "tensorrt"."""
     thresholds: dict[str, float] = field(default_factory=dict)
     """Per-class decision score thresholds recommended by the package (operating point)."""
+    digest: str = ""
+    """The package digest (sha256 over manifest + every file, see models.package): the one id
+    that changes with ANY change of what decides, thresholds included. Events should carry it;
+    empty only for detectors not built from a package (test fakes)."""
 
     @property
     def model_id(self) -> str:

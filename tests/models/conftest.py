@@ -92,3 +92,41 @@ def synthetic_images() -> Callable[[list[tuple[int, int]], int], list[np.ndarray
         return out
 
     return make
+
+
+# ---- package-integrity fixtures ----
+
+
+def _reseal(pkg: Path) -> str:
+    """Recompute ``package.digest`` for the package exactly as it is now, bypassing every check.
+
+    Makes a *consistently sealed* bad package (what a buggy packager, or someone who edits the
+    manifest and recomputes the digest, would produce), so a test reaches the check that stands
+    behind the digest (class count, input size, ...). Returns the new digest.
+    """
+    import hashlib
+    import json as _json
+
+    from models.package import MANIFEST_NAME, SEAL_NAME, Seal, package_digest
+
+    raw = (pkg / MANIFEST_NAME).read_bytes()
+    try:
+        listed = _json.loads(raw).get("files", {})
+    except (ValueError, AttributeError, RecursionError):
+        listed = {}
+    hashes: dict[str, tuple[str, int]] = {}
+    for name in listed if isinstance(listed, dict) else {}:
+        p = pkg / name
+        if p.is_file():
+            data = p.read_bytes()
+            hashes[name] = (hashlib.sha256(data).hexdigest(), len(data))
+    digest = package_digest(raw, hashes)
+    seal = Seal(hashlib.sha256(raw).hexdigest(), digest)
+    (pkg / SEAL_NAME).write_bytes(seal.to_bytes())
+    return digest
+
+
+@pytest.fixture(scope="session")
+def reseal() -> Callable[[Path], str]:
+    """``reseal(pkg)``: re-seal a tampered package so the check behind the digest is reached."""
+    return _reseal

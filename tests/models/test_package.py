@@ -25,8 +25,15 @@ def _manifest(pkg: Path) -> dict[str, Any]:
     return data
 
 
-def _write_manifest(pkg: Path, data: dict[str, Any]) -> None:
+def _write_manifest(pkg: Path, data: dict[str, Any], reseal: bool = True) -> None:
+    """Rewrite the manifest and (by default) re-seal the package, so the check under test is
+    reached instead of the digest refusing the edit first (that refusal has its own tests in
+    test_package_integrity.py)."""
     (pkg / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
+    if reseal:
+        from tests.models.conftest import _reseal
+
+        _reseal(pkg)
 
 
 def _fields(pkg: Path) -> dict[str, Any]:
