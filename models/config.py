@@ -9,27 +9,17 @@ decision rules would never see the detections they are meant to judge.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.runtimes import RUNTIMES, OnnxRuntimeSettings, RuntimeName, TensorRTSettings
 
-class TensorRTSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["RUNTIMES", "ModelSettings", "OnnxRuntimeSettings", "TensorRTSettings"]
 
-    engine_path: Path | None = None
-    """Where the serialized engine lives. None: ``<package>/../<name>-<version>-<precision>.engine``
-    under the cache dir. Engines are tied to the GPU and TensorRT version, so they are built on
-    the target and never shipped inside a package."""
-    cache_dir: Path = Path("/var/cache/edge-inspect/engines")
-    precision: Literal["fp16", "int8", "fp32"] = "fp16"
-    calibration_images: Path | None = None
-    """A directory of sample images for INT8 calibration (needed only to build an INT8 engine)."""
-    calibration_cache: Path | None = None
-    """INT8 calibration cache: reused when present, written after calibrating otherwise."""
-    build_if_missing: bool = True
-    """Build the engine at load when it does not exist (minutes on a Jetson; seconds on a T4)."""
-    workspace_mib: int = Field(default=1024, ge=64)
+LEGACY_ONNX_KEYS = ("intra_op_threads", "inter_op_threads", "spin_wait", "use_cuda", "providers")
+"""ONNX Runtime knobs that used to sit directly under ``model:``; still accepted there (moved into
+the ``onnxruntime`` section) so existing line configs keep loading."""
 
 
 class ModelSettings(BaseModel):
@@ -37,21 +27,17 @@ class ModelSettings(BaseModel):
 
     package: Path
     """A model package directory (manifest.json + model files). Bare model files are refused."""
-    runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    intra_op_threads: int = Field(default=2, ge=1, le=256)
-    """ONNX Runtime threads inside one operator: set to the cores given to inference."""
-    inter_op_threads: int = Field(default=1, ge=1, le=256)
+    runtime: RuntimeName = "onnxruntime"
+    """Which entry of the runtime registry (models/runtimes.py) runs the model."""
+    onnxruntime: OnnxRuntimeSettings = Field(default_factory=OnnxRuntimeSettings)
+    """Options of the onnxruntime runtime (allowed only when it is selected)."""
+    tensorrt: TensorRTSettings = Field(default_factory=TensorRTSettings)
+    """Options of the tensorrt runtime (allowed only when it is selected)."""
     blas_threads: int | None = Field(default=1, ge=1, le=256)
-    """Process-wide BLAS (OpenBLAS) thread cap set at load. The decode's matrix products are tiny;
-    a multi-threaded BLAS pool busy-waits after each one and fights ONNX Runtime for the cores
-    (2-core box: postprocess 10.7 -> 0.55 ms p50, infer 12.6 -> ~6 ms). None leaves it alone."""
-    spin_wait: bool = False
-    """Let ONNX Runtime's worker threads busy-wait between runs. Off by default: on a small box
-    the spinning threads steal the cores that decode, capture and the PLC link need."""
-    use_cuda: bool = False
-    """Use ONNX Runtime's CUDA provider when it is installed (falls back to CPU with a warning)."""
-    providers: list[str] | None = None
-    """Explicit ONNX Runtime provider list; overrides ``use_cuda`` when given."""
+    """Process-wide BLAS (OpenBLAS) thread cap set at load, for every runtime. The decode's matrix
+    products are tiny; a multi-threaded BLAS pool busy-waits after each one and fights ONNX
+    Runtime for the cores (2-core box: postprocess 10.7 -> 0.55 ms p50, infer 12.6 -> ~6 ms).
+    None leaves it alone."""
     max_batch: int = Field(default=1, ge=1, le=64)
     conf_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """Candidate score floor for decoding (ultralytics' ``conf``). None: the package's
@@ -61,10 +47,80 @@ class ModelSettings(BaseModel):
     max_det: int = Field(default=300, ge=1, le=10000)
     warmup_runs: int = Field(default=2, ge=0, le=100)
     """Inferences run at load so the first real frame does not pay for lazy initialisation."""
-    tensorrt: TensorRTSettings = Field(default_factory=TensorRTSettings)
+    trusted_keys: list[Path] = Field(default_factory=list)
+    """Public keys (PEM, from `edge model keygen`) of which one must have signed every package
+    this line loads. Empty: signatures are not required (the package digest is still checked)."""
+    store: Path | None = None
+    """The model store (models/store.py). None: ``<uplink.spool_dir>/../models`` (the demo);
+    on a line, ``/var/lib/edge/models``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_legacy_keys(cls, data: Any) -> Any:
+        """Accept the old flat ONNX Runtime keys by moving them into ``onnxruntime:``."""
+        if not isinstance(data, dict):
+            return data
+        legacy = [k for k in LEGACY_ONNX_KEYS if k in data]
+        if not legacy:
+            return data
+        data = dict(data)
+        runtime = data.get("runtime", "onnxruntime")
+        if runtime != "onnxruntime":
+            raise ValueError(
+                f"{', '.join(legacy)}: ONNX Runtime option(s), but runtime is {runtime!r}; "
+                f"remove them (the {runtime} options go under model.{runtime})"
+            )
+        section = data.get("onnxruntime")
+        if isinstance(section, BaseModel):
+            section = section.model_dump(exclude_unset=True)
+        section = dict(section or {})
+        clash = [k for k in legacy if k in section]
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} given both directly under model and under model.onnxruntime; "
+                "keep only the onnxruntime one"
+            )
+        for k in legacy:
+            section[k] = data.pop(k)
+        data["onnxruntime"] = section
+        return data
 
     @model_validator(mode="after")
-    def _providers_known(self) -> ModelSettings:
-        if self.providers is not None and not self.providers:
-            raise ValueError("providers: give at least one provider or leave it unset")
+    def _only_the_selected_runtime(self) -> ModelSettings:
+        spec = RUNTIMES[self.runtime]
+        for name in RUNTIMES:
+            if name != self.runtime and name in self.model_fields_set:
+                raise ValueError(
+                    f"model.{name} is set but runtime is {self.runtime!r}: a section holds one "
+                    f"runtime's options; remove it or select runtime: {name}"
+                )
+        if not isinstance(self.runtime_settings, spec.settings):  # registry and fields disagree
+            raise ValueError(f"model.{self.runtime} is not a {spec.settings.__name__}")
         return self
+
+    @property
+    def runtime_settings(self) -> BaseModel:
+        """The selected runtime's own settings (its section, defaults filled in)."""
+        section: BaseModel = getattr(self, self.runtime)
+        return section
+
+    # Read-only views kept for callers written before the per-runtime sections (edge/bench.py).
+    @property
+    def intra_op_threads(self) -> int:
+        return self.onnxruntime.intra_op_threads
+
+    @property
+    def inter_op_threads(self) -> int:
+        return self.onnxruntime.inter_op_threads
+
+    @property
+    def spin_wait(self) -> bool:
+        return self.onnxruntime.spin_wait
+
+    @property
+    def use_cuda(self) -> bool:
+        return self.onnxruntime.use_cuda
+
+    @property
+    def providers(self) -> list[str] | None:
+        return self.onnxruntime.providers

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from models.config import ModelSettings
+from models.config import ModelSettings, OnnxRuntimeSettings
 from models.decode import MaskMapper, limit_blas_threads, params_for
 from models.package import ModelPackage, check_io_shapes
 from models.preprocess import PAD_VALUE
@@ -26,14 +26,11 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-def choose_providers(settings: ModelSettings) -> list[str]:
+def choose_providers(settings: ModelSettings | OnnxRuntimeSettings) -> list[str]:
     """Providers to ask for; unavailable ones are dropped with a warning, CPU is always last."""
+    o = settings.onnxruntime if isinstance(settings, ModelSettings) else settings
     available = set(ort.get_available_providers())
-    wanted = (
-        list(settings.providers)
-        if settings.providers
-        else ([CUDA, CPU] if settings.use_cuda else [CPU])
-    )
+    wanted = list(o.providers) if o.providers else ([CUDA, CPU] if o.use_cuda else [CPU])
     chosen = [p for p in wanted if p in available]
     missing = [p for p in wanted if p not in available]
     if missing:
@@ -48,21 +45,44 @@ def choose_providers(settings: ModelSettings) -> list[str]:
     return chosen
 
 
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(o: OnnxRuntimeSettings) -> ort.SessionOptions:
+    """SessionOptions from the onnxruntime settings section (shared with scripts/bench_model.py,
+    so the benchmark measures exactly what the daemon runs)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = o.intra_op_threads
+    opts.inter_op_num_threads = o.inter_op_threads
+    opts.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL
+        if o.execution_mode == "parallel"
+        else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    opts.graph_optimization_level = _OPT_LEVELS[o.graph_optimization]
+    opts.enable_cpu_mem_arena = o.cpu_mem_arena
+    opts.enable_mem_pattern = o.mem_pattern
+    opts.log_severity_level = 3
+    spin = "1" if o.spin_wait else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if o.thread_affinity:
+        opts.add_session_config_entry("session.intra_op_thread_affinities", o.thread_affinity)
+    return opts
+
+
 class OnnxDetector(SegDetectorBase):
     """models.types.Detector on an ONNX Runtime session."""
 
     def __init__(self, package: ModelPackage, settings: ModelSettings) -> None:
         self._package = package
         manifest = package.manifest
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = settings.intra_op_threads
-        opts.inter_op_num_threads = settings.inter_op_threads
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        spin = "1" if settings.spin_wait else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        opts = session_options(settings.onnxruntime)
         providers = choose_providers(settings)
         try:
             session = ort.InferenceSession(str(package.model_path), opts, providers=providers)
@@ -97,8 +117,9 @@ class OnnxDetector(SegDetectorBase):
             model=self.info.model_id,
             sha256=self.info.sha256[:12],
             providers=self.providers,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
+            intra_op_threads=settings.onnxruntime.intra_op_threads,
+            inter_op_threads=settings.onnxruntime.inter_op_threads,
+            digest=self.info.digest[:12],
             fixed_batch=self._fixed_batch,
             max_batch=self.max_batch,
         )

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from models.config import ModelSettings
+from models.config import ModelSettings, OnnxRuntimeSettings
 from models.datasets.yolo import class_names, label_path_for, load_data_yaml, split_images
 from models.loader import load_detector
 from models.package import load_package, write_package
@@ -95,7 +95,7 @@ def score_images(
     settings = ModelSettings(
         package=package_dir,
         runtime="onnxruntime",
-        intra_op_threads=threads,
+        onnxruntime=OnnxRuntimeSettings(intra_op_threads=threads),
         conf_threshold=floor,
         warmup_runs=1,
     )
