@@ -183,7 +183,15 @@ class UplinkSettings(BaseModel):
     ok_image_sample_rate: float = Field(default=0.002, ge=0, le=1)
     image: ImageSettings = Field(default_factory=ImageSettings)
     queue_max: int = Field(default=20_000, ge=1)
-    """Events awaiting the writer; beyond it submit() refuses (and counts), never blocks."""
+    """Events awaiting the writer; beyond it submit() refuses (and counts), never blocks. Events
+    hold no pixels, so this bounds memory at ~queue_max x a few KB during a disk stall."""
+    image_queue_mb: float = Field(default=256.0, gt=0)
+    """Pixels held for images waiting to be encoded and written (raw frame bytes). Past it a kept
+    image is dropped and counted, never its event. 256 MB = ~200 1280x1024 mono frames or ~85
+    1280x1024 RGB ones: minutes of defects at a normal defect rate, bounded on a disk stall."""
+    commit_timeout_s: float = Field(default=10.0, gt=0)
+    """How long one commit waits for the database lock (SQLite busy timeout) before it counts as
+    failed and is retried with backoff."""
     image_writers: int = Field(default=4, ge=1, le=32)
     """Threads that encode and fsync images in parallel (fsync latency, not CPU, is the limit)."""
     batch_max_events: int = Field(default=500, ge=1)
@@ -205,3 +213,7 @@ class UplinkSettings(BaseModel):
     @property
     def quota_bytes(self) -> int:
         return int(self.quota_mb * 1024 * 1024)
+
+    @property
+    def image_queue_bytes(self) -> int:
+        return int(self.image_queue_mb * 1024 * 1024)

@@ -1,4 +1,10 @@
-"""The per-part event: a versioned, JSON-serialisable record (schema: uplink/event.schema.json)."""
+"""The per-part event: a versioned, JSON-serialisable record (schema: uplink/event.schema.json).
+
+Version 2 adds what the PLC handshake, recipes and the model lifecycle need (sequence may be None,
+recipe, model_digest, kind/canary/amends/changes, image_dropped). Every new field has a default, so
+callers written for version 1 still build valid events; version-1 rows already in a spool are
+forwarded as they were stored (consumers read `schema_version`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,10 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+EVENT_KINDS = ("part", "shadow", "amendment")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -26,7 +33,8 @@ class PartEvent:
     line: str
     camera: str
     part_id: int
-    sequence: int
+    sequence: int | None
+    """The record sequence that went on the wire to the PLC; None = no record was written."""
     frame_id: int
     captured_at: str
     """RFC 3339 UTC with microseconds."""
@@ -45,6 +53,21 @@ class PartEvent:
     image_ref: str | None = None
     """Object key once an image is attached (defects always, OK sampled)."""
     schema_version: int = SCHEMA_VERSION
+    recipe: int | None = None
+    """Product recipe number that decided the part (None: no recipes configured)."""
+    model_digest: str | None = None
+    """Digest of the model package that decided (model_id stays "name:version")."""
+    kind: Literal["part", "shadow", "amendment"] = "part"
+    """part: the verdict the PLC got; shadow: a candidate model's opinion (never sent to the PLC);
+    amendment: a correction of the event named by `amends`."""
+    canary: bool = False
+    """The part was decided by a canary model."""
+    amends: str | None = None
+    """event_id of the event an amendment corrects."""
+    changes: dict[str, Any] | None = None
+    """An amendment's corrected fields (the same values are also set on this event)."""
+    image_dropped: bool = False
+    """The image should have been kept but was dropped (image queue byte bound reached)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +88,13 @@ class PartEvent:
             "detections": self.detections,
             "latency_ms": self.latency_ms,
             "image_ref": self.image_ref,
+            "recipe": self.recipe,
+            "model_digest": self.model_digest,
+            "kind": self.kind,
+            "canary": self.canary,
+            "amends": self.amends,
+            "changes": self.changes,
+            "image_dropped": self.image_dropped,
         }
 
     def to_json(self) -> str:

@@ -16,9 +16,38 @@ SCHEMA = json.loads((Path(__file__).parents[2] / "uplink" / "event.schema.json")
 CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER
 
 
+V1_ONLY = ("recipe", "model_digest", "kind", "canary", "amends", "changes", "image_dropped")
+
+
 def test_schema_is_valid_and_versioned() -> None:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
-    assert SCHEMA["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    assert SCHEMA_VERSION == 2 == max(SCHEMA["properties"]["schema_version"]["enum"])
+
+
+def test_v2_fields_validate_and_v1_records_still_do() -> None:
+    ev = make_event("L1", "cam0", 7, "DEFECT")
+    ev.sequence = None  # no record went on the wire
+    ev.recipe, ev.model_digest, ev.canary = 12, "sha256:" + "ab" * 32, True
+    doc = ev.to_dict()
+    assert doc["schema_version"] == 2 and doc["kind"] == "part" and doc["image_dropped"] is False
+    jsonschema.validate(doc, SCHEMA, format_checker=CHECKER)
+    # A v2 record must carry the v2 fields ...
+    partial = {k: v for k, v in doc.items() if k != "recipe"}
+    with pytest.raises(jsonschema.ValidationError, match="recipe"):
+        jsonschema.validate(partial, SCHEMA, format_checker=CHECKER)
+    # ... while a v1 record spooled before the upgrade (no v2 fields) is still valid as it is.
+    v1 = {k: v for k, v in doc.items() if k not in V1_ONLY}
+    v1.update(schema_version=1, sequence=7)
+    jsonschema.validate(v1, SCHEMA, format_checker=CHECKER)
+
+
+def test_amendment_must_name_what_it_amends() -> None:
+    ev = make_event("L1", "cam0", 7)
+    ev.kind, ev.amends, ev.changes = "amendment", new_event_id(), {"plc_outcome": "confirmed"}
+    jsonschema.validate(ev.to_dict(), SCHEMA, format_checker=CHECKER)
+    ev.amends = None
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(ev.to_dict(), SCHEMA, format_checker=CHECKER)
 
 
 def test_defect_event_with_numpy_values_validates_and_is_about_1_5_kb() -> None:

@@ -183,7 +183,12 @@ def test_kill_9_loses_no_committed_event(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_quota_evicts_in_documented_order(tmp_path: Path) -> None:
+NO_EVICTIONS = {"ok_images": 0, "sent": 0, "defect_images": 0, "unsent_ok": 0, "defect": 0}
+
+
+def test_quota_evicts_images_in_documented_order_and_never_an_event_for_an_image(
+    tmp_path: Path,
+) -> None:
     # Big incompressible images make the order observable with a small quota.
     s = settings(tmp_path, quota_mb=3.0, evict_to_fraction=0.9, ok_image_sample_rate=1.0,
                  image={"format": "png", "png_compression": 0})
@@ -203,7 +208,7 @@ def test_quota_evicts_in_documented_order(tmp_path: Path) -> None:
     first = [r for r in rows(s.spool_dir) if r["event_id"] in defects[:5]]
     spool.mark_events_sent([int(str(r["id"])) for r in first])
     spool.mark_images_sent([int(str(r["id"])) for r in first])
-    assert spool.stats()["evicted"] == {"ok_images": 0, "sent": 0, "unsent_ok": 0, "defect": 0}
+    assert spool.stats()["evicted"] == NO_EVICTIONS
 
     # Fill up with more defects until eviction kicks in repeatedly.
     more = [put(200 + i, "DEFECT") for i in range(60)]  # ~3 MB more: well over the quota
@@ -212,14 +217,33 @@ def test_quota_evicts_in_documented_order(tmp_path: Path) -> None:
     assert st["bytes_used"] <= s.quota_bytes
     assert ev["ok_images"] == 10  # 1. every OK sample image went first
     assert ev["sent"] >= 5  # 2. then the sent defects
+    assert ev["defect_images"] > 0  # 3. then unsent defect images, oldest first
+    assert ev["unsent_ok"] == 0 and ev["defect"] == 0  # never an event to make room for images
     stored = {r["event_id"]: r for r in rows(s.spool_dir)}
     assert all(d not in stored for d in defects[:5])
-    assert all(stored[o]["image_state"] == "evicted" for o in oks if o in stored)
-    # 3. the unsent OK events went before 4. any unsent defect did
-    assert ev["unsent_ok"] == 10 and all(o not in stored for o in oks)
-    assert ev["defect"] > 0 and defects[5] not in stored  # oldest unsent defect went last
-    assert more[-1] in stored  # the newest defect is always kept
-    assert spool.stats()["alarms"]  # usage above the alarm fraction is reported
+    assert set(oks + defects[5:] + more) <= set(stored)  # every unsent event is still there
+    assert all(stored[o]["image_state"] == "evicted" for o in oks)
+    assert stored[defects[5]]["image_state"] == "evicted"  # the oldest unsent image went first
+    assert stored[more[-1]]["image_state"] == "pending"  # the newest defect image is kept
+    assert not st["alarms"] or all("evicted" not in a for a in st["alarms"])
+    spool.close()
+
+
+def test_events_alone_over_quota_evict_unsent_ok_before_defects(tmp_path: Path) -> None:
+    s = settings(tmp_path, quota_mb=0.25, evict_to_fraction=0.9, batch_max_events=100)
+    spool = Spool(s, "L1")
+    spool.open()
+    defects = [make_event("L1", "c", i, "DEFECT") for i in range(60)]
+    oks = [make_event("L1", "c", 1000 + i) for i in range(900)]
+    for ev in defects + oks:
+        assert spool.submit(ev)
+    assert spool.flush(20)
+    st = spool.stats()
+    assert st["bytes_used"] <= s.quota_bytes
+    assert st["evicted"]["unsent_ok"] > 0 and st["evicted"]["defect"] == 0
+    stored = {r["event_id"] for r in rows(s.spool_dir)}
+    assert {d.event_id for d in defects} <= stored
+    assert any("evicted" in a for a in st["alarms"])  # losing unsent events is an alarm
     spool.close()
 
 
@@ -238,7 +262,7 @@ def test_alarm_rises_on_unsent_data_long_before_eviction(tmp_path: Path) -> None
     assert spool.flush(10)
     st = spool.stats()
     assert any("unsent data fills" in a for a in st["alarms"]), st["alarms"]
-    assert st["evicted"] == {"ok_images": 0, "sent": 0, "unsent_ok": 0, "defect": 0}
+    assert st["evicted"] == NO_EVICTIONS
     # Once delivered, the same bytes are expendable: the alarm clears.
     ids = [int(str(r["id"])) for r in rows(s.spool_dir)]
     spool.mark_events_sent(ids)
