@@ -342,7 +342,11 @@ def package(
         Path | None, typer.Option("--eval", help="Report from `edge model evaluate`.")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="data.yaml for the class names (default: the report's).")
+        Path | None,
+        typer.Option(
+            help="data.yaml: class names (default: the report's) and, when it has validation "
+            "images, the drift baseline recorded in the package (validation_stats.json)."
+        ),
     ] = None,
     training_json: Annotated[
         Path | None, typer.Option(help="JSON merged into the manifest's 'training'.")
@@ -354,37 +358,285 @@ def package(
         ),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing package directory.")] = False,
+    sign: Annotated[
+        Path | None,
+        typer.Option("--sign", help="Private key (from `edge model keygen`) to sign it with."),
+    ] = None,
+    stats_split: Annotated[
+        str, typer.Option(help="Split of --data whose images make the drift baseline.")
+    ] = "val",
+    stats_max: Annotated[
+        int, typer.Option(help="At most this many images for the baseline (0: none).")
+    ] = 500,
 ) -> None:
-    """Write a model package (model + manifest with metrics, thresholds); refuses gated-out ones."""
+    """Write a model package (model + manifest with metrics, thresholds, package digest);
+    refuses gated-out ones.
+
+    A model that already sits in a verified package (same bytes) keeps that package's operating
+    point, metrics and gate decision unless --eval gives new ones.
+    """
     from models.datasets.yolo import class_names, load_data_yaml
     from models.training.evaluate import EvalReport
-    from models.training.packaging import PromotionRefused, package_model
+    from models.training.packaging import PromotionRefused, package_model, package_of
+    from models.training.valstats import validation_images
     from models.types import ModelPackageError
 
-    report = EvalReport.load(eval_report) if eval_report else None
-    data_path = data or (Path(report.data) if report else None)
-    if data_path is None:
-        raise _fail("give --data (for the class names) or --eval")
-    training: dict[str, Any] = json.loads(training_json.read_text()) if training_json else {}
-    training.setdefault("data", str(data_path))
     try:
-        path = package_model(
-            model,
-            out,
-            report=report,
-            name=name,
-            version=version,
-            plc_model_id=plc_model_id,
-            classes=class_names(load_data_yaml(data_path)),
-            training=training,
-            require_gate=not no_gate,
-            overwrite=overwrite,
-        )
+        report = EvalReport.load(eval_report) if eval_report else None
+        data_path = data or (Path(report.data) if report else None)
+        if data_path is None:
+            raise _fail("give --data (for the class names) or --eval")
+        data_yaml = data_path / "data.yaml" if data_path.is_dir() else data_path
+        doc = load_data_yaml(data_path)
+        classes = class_names(doc)
+        training: dict[str, Any] = json.loads(training_json.read_text()) if training_json else {}
+        training.setdefault("data", str(data_path))
+        inherit = package_of(model) if report is None and model.is_file() else None
+        if inherit is not None:
+            console.print(
+                f"model is the one in {inherit.ref} (digest {inherit.digest[:12]}): its operating "
+                "point, metrics and gate decision are carried over"
+            )
+        images = validation_images(doc, data_yaml, stats_split)[: max(stats_max, 0)]
+        with _bars() as bar:
+            path = package_model(
+                model,
+                out,
+                report=report,
+                name=name,
+                version=version,
+                plc_model_id=plc_model_id,
+                classes=classes,
+                training=training,
+                require_gate=not no_gate,
+                overwrite=overwrite,
+                inherit=inherit,
+                stats_images=images,
+                stats_source=f"{data_yaml} split {stats_split!r}",
+                sign_with=sign,
+                progress=bar("validation stats", len(images)) if images else None,
+            )
     except PromotionRefused as e:
         raise _fail(str(e), code=1) from e
     except (ModelPackageError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from e
-    console.print(f"wrote package {path}")
+    if not images:
+        console.print(
+            f"no '{stats_split}' images in {data_path}: no drift baseline recorded "
+            "(validation_stats.json)"
+        )
+    _print_package(path)
+
+
+def _print_package(path: Path) -> None:
+    from models.package import load_package
+
+    pkg = load_package(path, check_model=False)
+    signed = f", signed by {', '.join(pkg.signed_by)}" if pkg.signed_by else ", unsigned"
+    console.print(f"wrote package {path}: {pkg.ref} digest {pkg.digest}{signed}")
+
+
+# ---- integrity, signatures and the model store ----
+
+
+def _trusted(keys: list[Path] | None, config: Path | None) -> list[Path]:
+    out = list(keys or [])
+    if config is not None:
+        from edge.cli.common import load_or_exit
+
+        out += list(load_or_exit(config).model.trusted_keys)
+    return out
+
+
+TrustedOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--trusted-key",
+        help="Public key whose signature is required (repeatable; adds to the config's "
+        "model.trusted_keys).",
+    ),
+]
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="Model store directory (default: from --config).")
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="Line YAML: its model.store and model.trusted_keys are used."
+    ),
+]
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option(help="Directory for NAME.key (0600) and NAME.pub.")],
+    name: Annotated[str, typer.Option(help="Base name of the key files.")] = "edge-model",
+) -> None:
+    """Make an ed25519 key pair for signing packages (the .pub goes to model.trusted_keys)."""
+    from models.signing import generate_keypair, load_public_key
+    from models.types import ModelPackageError
+
+    try:
+        priv, pub = generate_keypair(out, name)
+    except (ModelPackageError, OSError) as e:
+        raise _fail(str(e)) from e
+    console.print(f"private key {priv} (mode 0600: keep it on the packaging machine)")
+    console.print(f"public key  {pub} (key id {load_public_key(pub).key_id})")
+
+
+@app.command()
+def sign(
+    package_dir: Annotated[Path, typer.Argument(help="Package directory.")],
+    key: Annotated[Path, typer.Option("--key", help="Private key from `edge model keygen`.")],
+) -> None:
+    """Sign a verified package (its digest does not change; other signatures are kept)."""
+    from models.package import sign_package
+    from models.types import ModelPackageError
+
+    try:
+        pkg = sign_package(package_dir, key)
+    except ModelPackageError as e:
+        raise _fail(str(e)) from e
+    console.print(f"signed {pkg.ref} digest {pkg.digest}; signatures by {', '.join(pkg.signed_by)}")
+
+
+@app.command()
+def verify(
+    package_dir: Annotated[Path, typer.Argument(help="Package directory.")],
+    trusted_key: TrustedOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Verify a package exactly as the daemon would (digest, files, model, signatures)."""
+    from models.package import verify_package
+    from models.types import ModelPackageError
+
+    keys = _trusted(trusted_key, config)
+    try:
+        pkg = verify_package(package_dir, keys)
+    except ModelPackageError as e:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "error": str(e)}))
+        raise _fail(str(e)) from e
+    doc = {
+        "ok": True,
+        "ref": pkg.ref,
+        "digest": pkg.digest,
+        "plc_model_id": pkg.manifest.plc_model_id,
+        "signed_by": list(pkg.signed_by),
+        "signature_required": bool(keys),
+    }
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        console.print(
+            f"OK {pkg.ref} digest {pkg.digest} plc_model_id {pkg.manifest.plc_model_id} "
+            f"signed by {list(pkg.signed_by) or 'nobody'}"
+            + (" (trusted signature checked)" if keys else "")
+        )
+
+
+@app.command()
+def repackage(
+    package_dir: Annotated[Path, typer.Argument(help="Package made before package digests.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write a sealed copy here (default: seal in place).")
+    ] = None,
+    sign_key: Annotated[
+        Path | None, typer.Option("--sign", help="Also sign it with this private key.")
+    ] = None,
+) -> None:
+    """Add the package digest to an older package (everything else is verified, manifest kept
+    byte for byte). On a package that was edited by hand this seals the edit: re-package from
+    the source when in doubt."""
+    from models.package import repackage as do_repackage
+    from models.types import ModelPackageError
+
+    try:
+        pkg = do_repackage(package_dir, out, sign_with=sign_key)
+    except ModelPackageError as e:
+        raise _fail(str(e)) from e
+    console.print(f"sealed {pkg.root}: {pkg.ref} digest {pkg.digest}")
+
+
+def _store(store: Path | None, config: Path | None) -> Any:
+    from models.store import ModelStore, default_store_root
+
+    if store is None and config is None:
+        raise _fail("give --store DIR or --config LINE.yaml (whose model.store is used)")
+    if store is None:
+        from edge.cli.common import load_or_exit
+
+        cfg = load_or_exit(config)
+        store = default_store_root(cfg.model.store, cfg.uplink.spool_dir)
+    return ModelStore(store)
+
+
+@app.command("import")
+def import_package(
+    package_dir: Annotated[Path, typer.Argument(help="Package directory to verify and import.")],
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    trusted_key: TrustedOpt = None,
+) -> None:
+    """Verify a package (digest, files, model; a trusted signature when keys are configured)
+    and copy it into the model store as NAME/VERSION. Nothing changes on a refusal."""
+    from models.types import ModelPackageError
+
+    st = _store(store, config)
+    try:
+        pkg = st.import_package(package_dir, _trusted(trusted_key, config))
+    except ModelPackageError as e:
+        raise _fail(f"refused: {e}") from e
+    console.print(f"imported {pkg.ref} digest {pkg.digest} -> {pkg.root}")
+
+
+@app.command("list")
+def list_models(
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    verify_files: Annotated[
+        bool, typer.Option("--verify", help="Re-hash every file (shows damage in the store).")
+    ] = False,
+) -> None:
+    """The packages in the model store and which one is active, previous and shadow."""
+    from models.types import ModelPackageError
+
+    st = _store(store, config)
+    entries = st.list(verify=verify_files)
+    try:
+        state = st.read_state().as_json()
+    except ModelPackageError as exc:
+        state = {"error": str(exc)}
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"store": str(st.root), "state": state, "packages": [e.as_json() for e in entries]}
+            )
+        )
+        return
+    t = Table(title=f"model store {st.root}")
+    for col in ("model", "role", "digest", "plc id", "signed by", "created", "status"):
+        t.add_column(col)
+    for e in entries:
+        t.add_row(
+            e.ref,
+            ",".join(e.roles),
+            e.digest[:12],
+            "" if e.plc_model_id is None else str(e.plc_model_id),
+            ",".join(e.signed_by),
+            (e.created_at or "")[:19],
+            "ok" if e.error is None else f"[red]{e.error}[/red]",
+        )
+    Console().print(t)
+    console.print(
+        "active: {a}  previous: {p}  shadow: {s}".format(
+            a=state.get("active"), p=state.get("previous"), s=state.get("shadow")
+        )
+        if "error" not in state
+        else f"[red]state.json: {state['error']}[/red]"
+    )
 
 
 @app.command("build-engine")
