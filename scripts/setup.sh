@@ -10,6 +10,7 @@ cd "$root"
 
 apt_test_packages=(
   mbpoll              # independent Modbus client that reads back what the daemon wrote
+  kcat                # independent Kafka consumer that reads back what the uplink produced
   libmodbus-dev       # independent Modbus TCP server (a small C program built by a fixture)
   aravis-tools        # arv-fake-gv-camera-0.8: a real GigE Vision camera emulator
   gir1.2-aravis-0.8 python3-gi

@@ -18,7 +18,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from uplink.config import S3Settings
-from uplink.spool import SpooledImage
+from uplink.store import SpooledImage
 
 
 def client_kwargs(cfg: S3Settings) -> dict[str, Any]:

@@ -355,6 +355,13 @@ class Spool:
     def mark_images_sent(self, ids: Sequence[int]) -> None:
         self.store.mark("image_sent_at", ids)
 
+    def dead_letter_rows(self, rows: Sequence[tuple[int, str]]) -> None:
+        """Move rows the broker refused for good (e.g. too large) to the dead-letter table."""
+        if rows:
+            with self.store.reader() as conn, conn:
+                for rid, reason in rows:
+                    self.store.dead_letter(conn, rid, reason)
+
     def mark_image_lost(self, image_id: int, reason: str) -> None:
         """The file vanished (evicted meanwhile or removed by hand): stop retrying it."""
         self.store.mark_image_lost(image_id)

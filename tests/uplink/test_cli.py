@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from minio import Minio
 from typer.testing import CliRunner
 
 from edge.cli.uplink import app
-from tests.uplink.conftest import BUCKET, S3_KEY, S3_SECRET, Peer
+from tests.uplink.conftest import BUCKET, S3_KEY, S3_SECRET, Peer, read_topic
 from tests.uplink.helpers import make_event, make_image
-from tests.uplink.test_forward import consume_all
 from uplink.config import UplinkSettings
 from uplink.spool import Spool
 
@@ -97,7 +94,7 @@ def test_drain_empties_the_spool_into_kafka_and_s3(
     assert res.exit_code == 0, res.output
     assert "sent 40 events and 10 images" in res.output
     assert S3_SECRET not in res.output
-    got = {json.loads(m.value)["event_id"] for m in consume_all_sync(kafka.port, 40)}
+    got = {json.loads(m.value)["event_id"] for m in read_topic(kafka, "edge.events", 40)}
     assert got == set(ids)
     assert len(list(client.list_objects(BUCKET, recursive=True))) == 10
     res = runner.invoke(app, ["status", "-c", str(tmp_path / "line.yaml"), "--json"])
@@ -105,6 +102,3 @@ def test_drain_empties_the_spool_into_kafka_and_s3(
     assert doc["spool"]["unsent_events"] == 0 and doc["spool"]["unsent_images"] == 0
     assert doc["forwarder"]["events_sent"] == 40
 
-
-def consume_all_sync(port: int, expect: int) -> list[Any]:
-    return asyncio.run(consume_all(port, expect))
