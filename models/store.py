@@ -213,8 +213,18 @@ class ModelStore:
                 f"package it under a new version"
                 + ("" if existing else f", or remove {dest} after checking it")
             )
-        stored = load_package(dest, check_model=False, trusted_keys=keys)  # re-verify in place
-        return stored
+        try:
+            stored = load_package(dest, check_model=False)  # re-verify in place
+        except ModelPackageError as e:
+            raise StoreError(
+                f"the store's copy of {ref} is a damaged package ({e}); it is never replaced "
+                f"silently: check and remove {dest}, then import again"
+            ) from e
+        if set(pkg.signed_by) - set(stored.signed_by):
+            # Same bytes, more signatures (e.g. signed after a first, unsigned import): the
+            # signatures sit outside the digest, so taking the newer seal changes nothing else.
+            atomic_write(dest / SEAL_NAME, (pkg.root / SEAL_NAME).read_bytes())
+        return load_package(dest, check_model=False, trusted_keys=keys)
 
     # ---- reading ----
 

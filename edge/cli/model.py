@@ -7,6 +7,7 @@ the daemon never load them.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +28,8 @@ from rich.table import Table
 app = typer.Typer(
     help="Train, evaluate, gate, export and package YOLOv8-seg models.", no_args_is_help=True
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
+"""soft_wrap: messages carry paths and digests that must stay whole (and greppable) in logs."""
 
 DEFAULT_CRITERIA = {"min_precision": 0.97, "min_recall": 0.95}
 
@@ -629,7 +631,7 @@ def list_models(
             (e.created_at or "")[:19],
             "ok" if e.error is None else f"[red]{e.error}[/red]",
         )
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
     console.print(
         "active: {a}  previous: {p}  shadow: {s}".format(
             a=state.get("active"), p=state.get("previous"), s=state.get("shadow")
