@@ -641,6 +641,74 @@ def list_models(
     )
 
 
+@app.command()
+def quantize(
+    package_dir: Annotated[Path, typer.Argument(help="The FP32 package to quantize.")],
+    calibration: Annotated[
+        Path, typer.Option(help="Folder of representative images (camera frames) to calibrate on.")
+    ],
+    holdout: Annotated[
+        Path, typer.Option(help="data.yaml whose test (else val) images judge the INT8 model.")
+    ],
+    out: Annotated[Path, typer.Option(help="Directory of the INT8 package.")],
+    min_agreement: Annotated[
+        float,
+        typer.Option(help="Gate: share of hold-out images decided like FP32 (OK/DEFECT)."),
+    ] = 0.98,
+    version: Annotated[
+        str | None, typer.Option(help="Version of the INT8 package (default: VERSION+int8).")
+    ] = None,
+    plc_model_id: Annotated[
+        int | None, typer.Option(help="PLC model id (default: the FP32 package's).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Calibration: minmax, percentile or entropy.")] = (
+        "minmax"
+    ),
+    calibration_max: Annotated[int, typer.Option(help="Use at most this many images.")] = 200,
+    holdout_split: Annotated[
+        str | None, typer.Option(help="Split of --holdout (default: test, else val).")
+    ] = None,
+    sign_key: Annotated[
+        Path | None, typer.Option("--sign", help="Sign the INT8 package with this private key.")
+    ] = None,
+    trusted_key: TrustedOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Static INT8 (QDQ) quantization with ONNX Runtime, refused unless the INT8 package makes
+    the same OK/DEFECT decisions as FP32 on the hold-out (>= --min-agreement)."""
+    from models.quantize import QuantizationRefused, quantize_package
+    from models.types import ModelPackageError
+
+    try:
+        with _bars() as bar:
+            report = quantize_package(
+                package_dir,
+                calibration,
+                holdout,
+                out,
+                version=version,
+                plc_model_id=plc_model_id,
+                min_agreement=min_agreement,
+                calibration_max=calibration_max,
+                holdout_split=holdout_split,
+                method=method,
+                overwrite=overwrite,
+                sign_with=sign_key,
+                trusted_keys=list(trusted_key or []),
+                progress=bar,
+            )
+    except QuantizationRefused as e:
+        raise _fail(f"refused: {e}", code=1) from e
+    except (ModelPackageError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    console.print(
+        f"INT8 decisions agree with FP32 on {report.agreement:.2%} of {report.images} hold-out "
+        f"images; session.run p50 {report.fp32_ms:.2f} ms (FP32) -> {report.int8_ms:.2f} ms "
+        f"(INT8, 1 thread)"
+    )
+    _print_package(out)
+
+
 @app.command("build-engine")
 def build_engine(
     package_dir: Annotated[Path, typer.Option("--package", help="Model package directory.")],
