@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -57,10 +57,10 @@ def object_key(
     try:
         day = datetime.fromisoformat(captured_at.replace("Z", "+00:00"))
         if day.tzinfo is not None:
-            day = day.astimezone(timezone.utc)
+            day = day.astimezone(UTC)
         date = day.strftime("%Y-%m-%d")
     except ValueError:
-        date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        date = datetime.now(UTC).strftime("%Y-%m-%d")
     return f"{prefix}{safe_name(line)}/{date}/{safe_name(camera)}/{safe_name(event_id)}.{ext}"
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -315,7 +315,7 @@ class Store:
 
     def quarantine(self) -> Path:
         """Move the database and its images aside (corrupt); returns where to."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         dest = self.dir / QUARANTINE_DIR / stamp
         dest.mkdir(parents=True, exist_ok=True)
         self.close()

@@ -26,6 +26,8 @@ from uplink.spool import (
     Spool,
     SpoolBusy,
     SpoolCorrupt,
+    SpoolOutdated,
+    SpoolTooNew,
     read_status,
 )
 
@@ -96,6 +98,9 @@ def status(
         typer.echo(f"error: spool at {settings.spool_dir} is corrupt ({exc}); the daemon moves it "
                    "aside on its next start", err=True)
         raise typer.Exit(1) from exc
+    except (SpoolOutdated, SpoolTooNew) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     try:
         st = spool.stats()
         st.update(spool.rates(60.0))
@@ -104,10 +109,12 @@ def status(
     daemon = read_status(settings.spool_dir / SPOOL_STATUS) or {}
     fwd = read_status(settings.spool_dir / FORWARDER_STATUS) or {}
     st.pop("alarms", None)
-    report = {"spool": {k: v for k, v in st.items() if k not in ("healthy", "last_error",
-                                                             "last_error_at", "pending",
-                                                             "submitted", "committed",
-                                                             "refused")},
+    live = ("healthy", "last_error", "last_error_at", "pending", "submitted", "committed",
+            "refused", "amendments", "amended_in_place", "malformed", "images_accepted",
+            "images_written", "images_dropped", "image_errors", "image_bytes_held",
+            "image_queue_bytes", "commit_failing", "commit_failing_since", "commit_failures")
+    # Counters of the running daemon come from its status file, not from this process.
+    report = {"spool": {k: v for k, v in st.items() if k not in live},
               "daemon": daemon, "forwarder": fwd}
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
@@ -124,6 +131,8 @@ def status(
         f"disk             {st['bytes_used'] / 1e6:.1f} MB of {st['quota_bytes'] / 1e6:.0f} MB "
         f"({st['usage_fraction']:.1%}), WAL {st['wal_bytes'] / 1e6:.1f} MB",
         f"evicted          {st['evicted']}",
+        f"dead-lettered    {st['dead_lettered']} (corrupt rows, table dead_letter)",
+        f"images dropped   {daemon.get('images_dropped', '-')} (image queue full)",
         f"daemon status    {_age(daemon.get('written_at'))}, healthy={daemon.get('healthy', '-')}",
         f"forwarder        {_age(fwd.get('written_at'))}, kafka_up={fwd.get('kafka_up', '-')}, "
         f"s3_up={fwd.get('s3_up', '-')}",
@@ -165,6 +174,9 @@ def drain(
         after = spool.backlog()
     finally:
         spool.close()
+    if after["dead_lettered"] > before["dead_lettered"]:
+        typer.echo(f"moved {after['dead_lettered'] - before['dead_lettered']} corrupt rows to the "
+                   "dead-letter table (spool.db, table dead_letter)", err=True)
     typer.echo(
         f"sent {fwd.events_sent} events and {fwd.images_sent} images; left unsent: "
         f"{after['unsent_events'] if settings.kafka else '-'} events, "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -10,7 +10,7 @@ from uplink.event import PartEvent, new_event_id
 
 
 def make_event(line: str, camera: str, part_id: int, verdict: str = "OK") -> PartEvent:
-    now = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     return PartEvent(
         event_id=new_event_id(), line=line, camera=camera, part_id=part_id, sequence=part_id,
         frame_id=part_id, captured_at=now, decided_at=now, plc_acked_at=now, verdict=verdict,

@@ -102,3 +102,29 @@ def test_drain_empties_the_spool_into_kafka_and_s3(
     assert doc["spool"]["unsent_events"] == 0 and doc["spool"]["unsent_images"] == 0
     assert doc["forwarder"]["events_sent"] == 40
 
+
+
+def test_drain_dead_letters_corrupt_rows_instead_of_a_traceback(
+    tmp_path: Path, kafka: Peer
+) -> None:
+    from tests.uplink.test_forward import corrupt_rows
+
+    ids = fill(tmp_path / "spool", 12)
+    bad = corrupt_rows(tmp_path / "spool")
+    res = runner.invoke(app, ["drain", "-c", str(write_config(tmp_path, kafka, None)),
+                              "--timeout", "60"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    assert "moved 4 corrupt rows to the dead-letter table" in res.output
+    got = {json.loads(m.value)["event_id"] for m in read_topic(kafka, "edge.events", 8)}
+    assert got == set(ids) - set(bad)
+    res = runner.invoke(app, ["status", "--spool-dir", str(tmp_path / "spool")])
+    assert res.exit_code == 0 and "dead-lettered    4" in res.output
+
+
+def test_status_of_an_old_spool_says_it_will_be_migrated(tmp_path: Path) -> None:
+    from tests.uplink.test_spool import make_v1_spool
+
+    make_v1_spool(tmp_path / "spool")
+    res = runner.invoke(app, ["status", "--spool-dir", str(tmp_path / "spool")])
+    assert res.exit_code == 1 and "schema version 1" in res.output and "migrates" in res.output

@@ -72,7 +72,7 @@ def test_missing_secret_and_codec_errors_name_the_problem(tmp_path: Path) -> Non
     tls = UplinkSettings.model_validate({"kafka": {
         "bootstrap_servers": ["b:9093"], "tls": {"ca_file": str(tmp_path / "no-such-ca.pem")}}})
     assert tls.kafka is not None
-    with pytest.raises(KafkaConfigError, match="ssl.ca.location"):
+    with pytest.raises(KafkaConfigError, match=r"ssl\.ca\.location"):
         KafkaSink(tls.kafka)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +20,12 @@ from typing import Any
 import jsonschema
 from minio import Minio
 
+from tests.support import free_port
 from tests.uplink.conftest import BUCKET, S3_KEY, S3_SECRET, Peer, Record, read_topic
 from tests.uplink.helpers import make_event, make_image
 from uplink.config import UplinkSettings
 from uplink.event import PartEvent
-from uplink.forwarder import Forwarder
+from uplink.forwarder import Forwarder, _Rate
 from uplink.spool import Spool
 
 TOPIC = "edge.events"
@@ -92,7 +95,7 @@ async def test_broker_outage_delivers_every_event_in_camera_order(
     try:
         submit(300)
         await wait_for(lambda: fwd.events_sent >= 300, 30, "first 300 events acknowledged")
-        await asyncio.to_thread(kafka.stop)
+        await asyncio.to_thread(kafka.stop, 1.0)  # SIGTERM, SIGKILL after 1 s (Tansu lingers)
         submit(300)  # produced while the broker is down
         await wait_for(lambda: fwd.last_error is not None and not fwd.kafka_up, 30,
                        "forwarder noticing the outage")
@@ -231,3 +234,177 @@ async def test_daemon_killed_mid_run_then_restarted_delivers_every_committed_eve
     missing = set(committed) - delivered
     assert not missing, f"{len(missing)} committed events never reached Kafka"
     assert before < len(committed)  # the child had forwarded part of it before dying
+
+
+# --------------------------------------------------------------------- issue 9.12
+async def test_s3_down_and_small_quota_lose_no_event_to_images(tmp_path: Path, kafka: Peer) -> None:
+    # Before: pending images filled the quota and OK events were evicted before Kafka had them
+    # (195/1786 lost with Kafka healthy). Events are tiny: only images may go.
+    dead_s3 = free_port()  # nothing listens there: S3 is down for the whole test
+    cfg = uplink_settings(tmp_path, kafka, None).model_dump()
+    cfg.update(quota_mb=1.0, ok_image_sample_rate=1.0,
+               image={"format": "png", "png_compression": 0},
+               s3={"bucket": BUCKET, "endpoint_url": f"http://127.0.0.1:{dead_s3}",
+                   "timeout_s": 1.0, "credentials": {"access_key_id": {"value": S3_KEY},
+                                                     "secret_access_key": {"value": S3_SECRET}}})
+    spool = Spool(UplinkSettings.model_validate(cfg), "L1")
+    spool.open()
+    fwd = Forwarder(spool)
+    task = asyncio.create_task(fwd.run())
+    ids = []
+    try:
+        for i in range(240):  # ~50 KB image each: 12 MB of images for a 1 MB quota
+            ev = make_event("L1", f"cam{i % 3}", i, "DEFECT" if i % 2 else "OK")
+            assert spool.submit(ev, make_image(i, 200, 250))
+            ids.append(ev.event_id)
+        assert await asyncio.to_thread(spool.flush, 30)
+        await wait_for(lambda: spool.backlog()["unsent_events"] == 0, 60, "every event sent")
+        await wait_for(lambda: fwd.image_errors > 0, 30, "the S3 outage noticed")
+        st = await asyncio.to_thread(spool.stats)
+        assert fwd.s3_up is False and spool.backlog()["unsent_images"] > 0
+    finally:
+        fwd.stop()
+        await task
+        spool.close()
+    ev_counts = st["evicted"]
+    assert ev_counts["ok_images"] > 0 and ev_counts["defect_images"] > 0
+    assert ev_counts["unsent_ok"] == 0 and ev_counts["defect"] == 0
+    got = {json.loads(m.value)["event_id"] for m in await consume_all(kafka, expect=240)}
+    assert got == set(ids)
+
+
+def corrupt_rows(spool_dir: Path) -> dict[str, str]:
+    """Damage four committed rows the way a bad block or a hand edit does; PRAGMA quick_check
+    still passes. Returns event_id -> the reason expected in the dead-letter table."""
+    conn = sqlite3.connect(spool_dir / "spool.db")
+    ids = [r[0] for r in conn.execute("SELECT event_id FROM events ORDER BY id LIMIT 4 OFFSET 3")]
+    damage = [
+        ("CAST(X'7B2280FF22' AS TEXT)", "not UTF-8"),
+        ("CAST(X'7B00000000' AS TEXT)", "NUL bytes"),
+        ("'{\"event_id\": \"trunc'", "not JSON"),
+        ("'null'", "not an object"),
+    ]
+    with conn:
+        for eid, (expr, _) in zip(ids, damage, strict=True):
+            conn.execute(f"UPDATE events SET payload = {expr} WHERE event_id = ?", (eid,))
+    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    conn.close()
+    return {eid: why for eid, (_, why) in zip(ids, damage, strict=True)}
+
+
+async def test_corrupt_rows_are_dead_lettered_and_forwarding_goes_on(
+    tmp_path: Path, kafka: Peer, s3: Peer
+) -> None:
+    minio(s3).make_bucket(BUCKET)
+    s = uplink_settings(tmp_path, kafka, s3)
+    spool = Spool(s, "L1")
+    spool.open()
+    events = [make_event("L1", "cam0", i, "DEFECT") for i in range(12)]
+    for ev in events:
+        assert spool.submit(ev, make_image(ev.part_id))
+    assert spool.flush(10)
+    spool.close()
+    bad = corrupt_rows(s.spool_dir)
+
+    spool = Spool(s, "L1")
+    spool.open()  # quick_check passes: nothing is quarantined
+    fwd = Forwarder(spool)
+    assert await fwd.drain(60), fwd.stats()
+    st = spool.stats()
+    spool.close()
+    good = [ev.event_id for ev in events if ev.event_id not in bad]
+    got = {json.loads(m.value)["event_id"] for m in await consume_all(kafka, expect=8)}
+    assert got == set(good)
+    keys = {o.object_name for o in minio(s3).list_objects(BUCKET, recursive=True)}
+    assert keys == {ev.image_ref for ev in events if ev.event_id in good}
+    assert st["dead_lettered"] == 4 and st["quarantined"] == []
+    assert any("dead-letter" in a for a in st["alarms"])
+    conn = sqlite3.connect(s.spool_dir / "spool.db")
+    dead = {bytes(r[0]).decode(): r[1] for r in conn.execute(
+        "SELECT event_id, reason FROM dead_letter")}
+    conn.close()
+    assert set(dead) == set(bad)
+    for eid, why in bad.items():
+        assert why in dead[eid], dead[eid]
+        assert (s.spool_dir / "dead_letter" / f"{eid}.png").exists()  # kept for inspection
+
+
+async def test_a_crashing_forwarder_loop_is_logged_restarted_and_delivers(
+    tmp_path: Path, kafka: Peer, monkeypatch: Any
+) -> None:
+    spool = Spool(uplink_settings(tmp_path, kafka, None), "L1")
+    spool.open()
+    real = spool.unsent_events
+    calls = {"n": 0}
+
+    def flaky(limit: int) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault in the events loop")
+        return real(limit)
+
+    monkeypatch.setattr(spool, "unsent_events", flaky)
+    ids = []
+    for i in range(20):
+        ev = make_event("L1", "cam0", i)
+        assert spool.submit(ev)
+        ids.append(ev.event_id)
+    assert spool.flush(10)
+    fwd = Forwarder(spool)
+    assert await fwd.drain(30)
+    st = fwd.stats()
+    spool.close()
+    assert st["loop_restarts"] == {"events": 1, "images": 0}
+    assert "injected fault" in str(st["last_error"])
+    assert st["events_sent"] == 20
+    got = {json.loads(m.value)["event_id"] for m in await consume_all(kafka, expect=20)}
+    assert got == set(ids)
+
+
+def test_forwarder_rates_can_be_read_from_another_thread() -> None:
+    # Before: per_s() iterated the deque while the loop appended: "deque mutated during
+    # iteration", and the status froze.
+    rate = _Rate(window_s=0.05)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not done.is_set():
+                rate.per_s()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(200_000):
+        rate.add(1)
+    done.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+
+
+async def test_amendment_reaches_kafka_after_its_original(tmp_path: Path, kafka: Peer) -> None:
+    spool = Spool(uplink_settings(tmp_path, kafka, None), "L1")
+    spool.open()
+    ev = make_event("L1", "cam0", 1)
+    ev.plc_outcome = "unknown"
+    assert spool.submit(ev)
+    assert spool.flush(10)
+    fwd = Forwarder(spool)
+    assert await fwd.drain(30)  # the original is sent as it was
+    assert fwd.events_sent == 1
+    assert spool.amend(ev.event_id, {"plc_outcome": "confirmed_applied"})
+    assert await asyncio.to_thread(spool.flush, 10)
+    assert await Forwarder(spool).drain(30)
+    spool.close()
+    docs = [json.loads(m.value) for m in await consume_all(kafka, expect=2)]
+    assert [d["kind"] for d in docs] == ["part", "amendment"]
+    original, amendment = docs
+    assert original["plc_outcome"] == "unknown"
+    assert amendment["amends"] == ev.event_id and amendment["plc_outcome"] == "confirmed_applied"
+    assert amendment["changes"] == {"plc_outcome": "confirmed_applied"}
+    for d in docs:
+        jsonschema.validate(d, SCHEMA)

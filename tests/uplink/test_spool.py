@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -327,3 +328,272 @@ def test_corruption_found_while_running_is_quarantined_and_batch_kept(tmp_path: 
     assert {ev.event_id for ev in later} <= set(stored)
     for ev in later:  # the batch's images were re-homed into the fresh spool
         assert (s.spool_dir / "images" / str(stored[ev.event_id]["image_file"])).exists()
+
+
+# --------------------------------------------------------------------- bounded memory (issue 9.4)
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def hold_write_lock(spool_dir: Path) -> sqlite3.Connection:
+    """A second connection holding the database's write lock: every commit of the writer now
+    waits (as on a stalled disk) until it is released."""
+    conn = sqlite3.connect(spool_dir / DB_NAME, isolation_level=None, timeout=30)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_disk_stall_holds_no_frames_beyond_the_image_byte_bound(tmp_path: Path) -> None:
+    # Before: every part's full frame sat in the writer queue, sampled or not: +2.6 GB for 2,000
+    # queued 1280x1024 frames while commits were stuck. Now only kept images are referenced, under
+    # image_queue_mb; events (no pixels) wait in their own bounded queue.
+    s = settings(tmp_path, ok_image_sample_rate=1.0, image_queue_mb=24, batch_max_events=50)
+    spool = Spool(s, "L1")
+    spool.open()
+    lock = hold_write_lock(s.spool_dir)
+    base = rss_bytes()
+    peak_held = 0
+    events = []
+    try:
+        with spool.store.images_guard.exclusive():  # and image files cannot be written either
+            for i in range(2000):
+                frame = np.full((1024, 1280), i % 251, dtype=np.uint8)  # 1.3 MB, pages touched
+                ev = make_event("L1", "cam0", i)
+                assert spool.submit(ev, frame)  # the event is never refused for its image
+                events.append(ev)
+                del frame
+                peak_held = max(peak_held, spool.counters()["image_bytes_held"])
+            grown = rss_bytes() - base
+            st = spool.counters()
+            assert st["pending"] == 2000 and st["committed"] == 0
+            assert peak_held <= s.image_queue_bytes
+            assert st["images_dropped"] == 2000 - st["images_accepted"] > 1900
+            assert grown < s.image_queue_bytes + 150 * 2**20, f"RSS grew {grown / 2**20:.0f} MB"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert spool.flush(60)
+    st = spool.stats()
+    assert st["committed"] == 2000 and st["image_bytes_held"] == 0
+    stored = {r["event_id"]: r for r in rows(s.spool_dir)}
+    kept = [e for e in events if not e.image_dropped]
+    assert len(kept) == st["images_accepted"] == st["images_written"]
+    for ev in events:
+        payload = json.loads(str(stored[ev.event_id]["payload"]))
+        assert payload["image_dropped"] is ev.image_dropped
+        assert (payload["image_ref"] is None) is ev.image_dropped
+        assert stored[ev.event_id]["image_state"] == ("none" if ev.image_dropped else "pending")
+    spool.close()
+
+
+def test_events_never_wait_behind_images(tmp_path: Path) -> None:
+    committed: list[str] = []
+    spool = Spool(settings(tmp_path), "L1", on_commit=committed.extend)
+    spool.open()
+    defect = make_event("L1", "cam0", 0, "DEFECT")
+    with spool.store.images_guard.exclusive():  # the image path is stuck (slow disk for files)
+        assert spool.submit(defect, make_image(0))
+        later = [make_event("L1", "cam0", i) for i in range(1, 101)]
+        for ev in later:
+            assert spool.submit(ev, make_image(ev.part_id))  # OK, not sampled: never held
+        wait_until(lambda: len(committed) == 101, 20, "events committed while the image waits")
+        assert spool.counters()["image_bytes_held"] > 0
+        assert rows(tmp_path / "spool")[0]["image_state"] == "writing"
+    assert spool.flush(10)
+    first = rows(tmp_path / "spool")[0]
+    assert first["event_id"] == defect.event_id and first["image_state"] == "pending"
+    assert (tmp_path / "spool" / "images" / str(first["image_file"])).stat().st_size == \
+        first["image_bytes"]
+    spool.close()
+
+
+def test_failing_commits_back_off_show_in_stats_and_recover(tmp_path: Path) -> None:
+    s = settings(tmp_path, commit_timeout_s=0.1, backoff_initial_s=0.1, backoff_max_s=0.4)
+    spool = Spool(s, "L1")
+    spool.open()
+    lock = hold_write_lock(s.spool_dir)
+    t0 = time.monotonic()
+    try:
+        assert spool.submit(make_event("L1", "c", 1))
+        wait_until(lambda: spool.counters()["commit_failures"] >= 4, 30, "4 failed commits")
+        elapsed = time.monotonic() - t0
+        st = spool.stats()
+        # Backoff, not a spin: 4 attempts take at least the first 3 pauses + 4 lock timeouts.
+        assert elapsed >= 0.1 + 0.2 + 0.4 + 4 * 0.1
+        assert st["commit_failing"] and not st["healthy"] and not spool.healthy
+        assert "database is locked" in str(st["last_error"])
+        assert any("unhealthy" in a for a in st["alarms"])
+        assert spool.submit(make_event("L1", "c", 2))  # still accepting, up to queue_max
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert spool.flush(10)
+    wait_until(lambda: spool.healthy, 10, "the spool healthy again")
+    assert spool.stats()["committed"] == 2
+    spool.close()
+
+
+def test_image_write_failure_keeps_the_event_and_marks_the_image_lost(tmp_path: Path) -> None:
+    spool = Spool(settings(tmp_path, image={"format": "jpeg"}), "L1")
+    spool.open()
+    ev = make_event("L1", "c", 1, "DEFECT")
+    assert spool.submit(ev, np.zeros((8, 8), dtype=np.float32))  # JPEG cannot encode floats
+    assert spool.flush(10)
+    st = spool.stats()
+    assert st["image_errors"] == 1 and "JPEG needs uint8" in str(st["last_error"])
+    [row] = rows(tmp_path / "spool")
+    assert row["event_id"] == ev.event_id and row["image_state"] == "lost"
+    spool.close()
+
+
+# --------------------------------------------------------------------- schema migrations
+V1_DDL = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    line TEXT NOT NULL,
+    camera TEXT NOT NULL,
+    part_id INTEGER NOT NULL,
+    sequence INTEGER NOT NULL,
+    verdict TEXT NOT NULL,
+    defect INTEGER NOT NULL,
+    spooled_at REAL NOT NULL,
+    payload TEXT NOT NULL,
+    sent_at REAL,
+    image_state TEXT NOT NULL DEFAULT 'none',
+    image_kind TEXT,
+    image_file TEXT,
+    image_key TEXT,
+    image_bytes INTEGER NOT NULL DEFAULT 0,
+    image_sent_at REAL
+);
+CREATE INDEX IF NOT EXISTS events_unsent ON events(id) WHERE sent_at IS NULL;
+CREATE INDEX IF NOT EXISTS events_img_pending ON events(id) WHERE image_state = 'pending';
+CREATE INDEX IF NOT EXISTS events_sent ON events(sent_at) WHERE sent_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+PRAGMA user_version = 1;
+"""
+
+
+def make_v1_spool(spool_dir: Path) -> list[str]:
+    """A spool as the v1 code left it: one sent event, two unsent (one with a pending image)."""
+    (spool_dir / "images").mkdir(parents=True)
+    conn = sqlite3.connect(spool_dir / DB_NAME)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(V1_DDL)
+    ids = []
+    for i, (verdict, sent) in enumerate([("OK", True), ("OK", False), ("DEFECT", False)]):
+        ev = make_event("L1", "cam0", i, verdict)
+        doc = ev.to_dict()
+        for k in ("recipe", "model_digest", "kind", "canary", "amends", "changes",
+                  "image_dropped"):
+            doc.pop(k)
+        doc["schema_version"] = 1
+        image = (f"{ev.event_id}.png", f"L1/x/cam0/{ev.event_id}.png") if verdict != "OK" \
+            else (None, None)
+        if image[0]:
+            (spool_dir / "images" / image[0]).write_bytes(b"\x89PNG fake" * 10)
+            doc["image_ref"] = image[1]
+        conn.execute(
+            "INSERT INTO events (event_id, line, camera, part_id, sequence, verdict, defect, "
+            "spooled_at, payload, sent_at, image_state, image_kind, image_file, image_key, "
+            "image_bytes) VALUES (?, 'L1', 'cam0', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ev.event_id, i, i, verdict, int(verdict != "OK"), time.time(),
+             json.dumps(doc, separators=(",", ":")), time.time() if sent else None,
+             "pending" if image[0] else "none", "defect" if image[0] else None, image[0],
+             image[1], 90 if image[0] else 0),
+        )
+        ids.append(ev.event_id)
+    conn.commit()
+    conn.close()
+    return ids
+
+
+def test_v1_spool_is_migrated_in_place_and_its_unsent_data_forwardable(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    sent_id, ok_id, defect_id = make_v1_spool(s.spool_dir)
+    before = {r["event_id"]: r for r in rows(s.spool_dir)}
+    spool = Spool(s, "L1")
+    spool.open()
+    assert spool.healthy
+    st = spool.stats()
+    assert st["quarantined"] == [] and st["schema_version"] == 2
+    assert not (s.spool_dir / "quarantine").exists()
+    conn = sqlite3.connect(s.spool_dir / DB_NAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    after = {r["event_id"]: r for r in rows(s.spool_dir)}
+    for eid, old in before.items():  # every row kept as it was (ids, payload bytes, states)
+        assert {k: after[eid][k] for k in old} == old
+        assert after[eid]["kind"] == "part"
+    unsent = spool.unsent_events(10)
+    assert [e.event_id for e in unsent] == [ok_id, defect_id]
+    assert json.loads(unsent[0].payload)["schema_version"] == 1  # forwarded as stored
+    [img] = spool.unsent_images(10)
+    assert img.event_id == defect_id and img.path.exists()
+    # The migrated spool takes v2 events (sequence may now be None) after the old rows.
+    ev = make_event("L1", "cam0", 9)
+    ev.sequence = None
+    assert spool.submit(ev)
+    assert spool.flush(10)
+    new = rows(s.spool_dir)[-1]
+    assert new["event_id"] == ev.event_id and new["sequence"] is None
+    assert int(str(new["id"])) > max(int(str(r["id"])) for r in before.values())
+    assert sent_id in after
+    spool.close()
+
+
+def test_spool_of_a_newer_version_is_left_untouched(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    make_v1_spool(s.spool_dir)
+    conn = sqlite3.connect(s.spool_dir / DB_NAME)
+    conn.execute("PRAGMA user_version = 9")
+    conn.close()
+    snapshot = (s.spool_dir / DB_NAME).read_bytes()
+    spool = Spool(s, "L1")
+    spool.open()
+    assert not spool.healthy and spool.submit(make_event("L1", "c", 1)) is False
+    assert "newer than this software" in str(spool.stats()["last_error"])
+    spool.close()
+    assert (s.spool_dir / DB_NAME).read_bytes() == snapshot
+    assert not (s.spool_dir / "quarantine").exists()
+
+
+# --------------------------------------------------------------------- amendments
+def test_amend_patches_an_unsent_original_and_always_spools_an_amendment(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    spool = Spool(s, "L1")
+    spool.open()
+    first, second = make_event("L1", "cam0", 1), make_event("L1", "cam0", 2, "DEFECT")
+    first.plc_outcome = second.plc_outcome = "unknown"
+    assert spool.submit(first) and spool.submit(second)
+    assert spool.amend(first.event_id, {"plc_outcome": "confirmed_applied"})  # same batch
+    assert spool.flush(10)
+    [r2] = [r for r in rows(s.spool_dir) if r["event_id"] == second.event_id]
+    spool.mark_events_sent([int(str(r2["id"]))])
+    assert spool.amend(second.event_id, {"plc_outcome": "confirmed_applied", "sequence": 77})
+    assert spool.amend("01ZZZZZZZZZZZZZZZZZZZZZZZZ", {"plc_outcome": "x"})  # never spooled
+    with pytest.raises(ValueError, match="cannot change"):
+        spool.amend(first.event_id, {"camera": "other"})
+    assert spool.flush(10)
+    stored = rows(s.spool_dir)
+    by_id = {r["event_id"]: json.loads(str(r["payload"])) for r in stored}
+    assert by_id[first.event_id]["plc_outcome"] == "confirmed_applied"  # patched: not yet sent
+    assert by_id[second.event_id]["plc_outcome"] == "unknown"  # already sent: left as sent
+    amendments = [json.loads(str(r["payload"])) for r in stored if r["kind"] == "amendment"]
+    assert [(a["amends"], a["changes"]) for a in amendments] == [
+        (first.event_id, {"plc_outcome": "confirmed_applied"}),
+        (second.event_id, {"plc_outcome": "confirmed_applied", "sequence": 77}),
+    ]
+    for a in amendments:
+        assert a["kind"] == "amendment" and a["plc_outcome"] == "confirmed_applied"
+        assert a["detections"] == [] and a["event_id"] not in (first.event_id, second.event_id)
+        assert len(json.dumps(a)) < 1000
+    assert amendments[1]["sequence"] == 77 and amendments[1]["verdict"] == "DEFECT"
+    st = spool.stats()
+    assert st["amendments"] == 2 and st["amended_in_place"] == 1
+    assert st["amendments_orphaned"] == 1
+    spool.close()
