@@ -27,10 +27,10 @@ from gi.repository import Aravis, Gio, GLib  # noqa: E402
 from camera.config import AravisCameraSettings, TriggeredMode  # noqa: E402
 from camera.counters import FrameIdUnwrapper, part_id_of  # noqa: E402
 from camera.frame import Frame  # noqa: E402
+from camera.guard import PLACEHOLDER  # noqa: E402
 from camera.nodes import Kind, NodeReport, Step, Value, apply, describe, plan  # noqa: E402
 from camera.pixels import convert  # noqa: E402
 from camera.source import CameraConfigError, CameraError  # noqa: E402
-from camera.triggerq import TriggerQueue  # noqa: E402
 
 log = structlog.get_logger(__name__)
 
@@ -142,14 +142,13 @@ class AravisSource:
         self.settings = settings
         trig = settings.trigger
         self._triggered = isinstance(trig, TriggeredMode)
-        self._software_trigger = isinstance(trig, TriggeredMode) and trig.source == "software"
+        self._software_trigger = isinstance(trig, TriggeredMode) and trig.fires_software
         self._lock = threading.Lock()
         self._cam: Any = None
         self._stream: Any = None
         self._nodes: AravisNodes | None = None
         self._lost = threading.Event()
         self._ids = FrameIdUnwrapper(modulus=1 << 16, skip_zero=True)
-        self._triggers = TriggerQueue(self._fire)
         self._part_base = 0
         self._first_id: int | None = None
         self._last_part = 0
@@ -192,8 +191,7 @@ class AravisSource:
             self._cam, self._stream, self._nodes = cam, stream, nodes
             self._lost = lost
             self._ids = FrameIdUnwrapper(modulus=1 << 16, skip_zero=True)
-            self._triggers.reset()
-            self._part_base = max(self._triggers.fired, self._last_part)
+            self._part_base = self._last_part
             self._first_id = None
 
     def _configure(self, cam: Any, nodes: AravisNodes) -> NodeReport:
@@ -237,23 +235,31 @@ class AravisSource:
     def _frame(self, buf: Any, arrived_ns: int, wall_ns: int) -> Frame:
         code = buf.get_image_pixel_format()
         fmt = PFNC.get(code)
-        if fmt is None:
-            raise CameraConfigError(
-                f"camera {self.camera_id}: pixel format 0x{code:08x} is not supported"
-            )
         w, h = buf.get_image_width(), buf.get_image_height()
-        raw = buf.get_image_data()  # PyGObject copies into a bytes object we own
-        dtype = np.uint16 if fmt.endswith(("10", "12", "14", "16")) else np.uint8
-        data = np.frombuffer(raw, dtype=dtype)
-        image, out_fmt = convert(data, w, h, fmt, self.settings.output, copy=False)
+        problem: str | None = None
+        image: np.ndarray = PLACEHOLDER
+        out_fmt = "Mono8"
+        if fmt is None:  # the frame is still a part: mark it (fail-safe), never raise
+            problem = (
+                f"unsupported pixel format 0x{code:08x}; set the camera's PixelFormat to one "
+                f"of {', '.join(sorted(set(PFNC.values())))}"
+            )
+        else:
+            raw = buf.get_image_data()  # PyGObject copies into a bytes object we own
+            dtype = np.uint16 if fmt.endswith(("10", "12", "14", "16")) else np.uint8
+            try:
+                data = np.frombuffer(raw, dtype=dtype)
+                image, out_fmt = convert(data, w, h, fmt, self.settings.output, copy=False)
+            except (ValueError, CameraConfigError) as exc:
+                image, out_fmt = PLACEHOLDER, "Mono8"
+                problem = f"corrupt buffer ({w}x{h} {fmt}, {len(raw)} bytes): {exc}"
         raw_id = int(buf.get_frame_id())
         frame_id = self._ids(raw_id)
         if self._first_id is None:
             self._first_id = frame_id
-        part_id = part_id_of(
-            frame_id, self._first_id, self._part_base, self._triggered,
-            self._triggers.answered if self._software_trigger else None,
-        )
+        # Software triggers: the worker replaces this count with the id it queued the trigger
+        # under (camera.triggerq); used standalone (CLI snapshot) the count is all there is.
+        part_id = part_id_of(frame_id, self._first_id, self._part_base, self._triggered)
         self._last_part = max(self._last_part, part_id)
         ts = int(buf.get_timestamp())
         return Frame(
@@ -265,13 +271,15 @@ class AravisSource:
             image=image,
             pixel_format=out_fmt,
             device_timestamp_ns=ts or None,
-            source_meta={"device_pixel_format": fmt, "raw_frame_id": raw_id,
+            source_meta={"device_pixel_format": fmt or f"0x{code:08x}", "raw_frame_id": raw_id,
                          "ready_ns": time.monotonic_ns()},
+            problem=problem,
         )
 
     def trigger(self) -> None:
+        """Fire one software trigger; CameraError when it cannot (the worker serialises)."""
         if self._software_trigger:
-            self._triggers.request()
+            self._fire()
 
     def _fire(self) -> None:
         cam = self._cam

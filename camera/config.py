@@ -27,10 +27,21 @@ class FreeRunTrigger(_Strict):
 
 
 class TriggeredMode(_Strict):
-    """One trigger = one part: the frame carries the trigger count as its part id."""
+    """One trigger = one part.
+
+    ``source`` says who fires the trigger and where the part id comes from:
+
+    * ``software``: whoever calls ``CameraWorker.trigger()`` (or the worker itself at ``rate_hz``);
+      part id = trigger count.
+    * ``plc``: a software trigger the daemon fires when the PLC's trigger counter moves; part id
+      = the id the PLC announced (passed to ``CameraWorker.trigger(part_id)``).
+    * ``hardware``: the camera's trigger line (``line``, ``activation``); part id = trigger count
+      from the device frame counter (``part_id: count``), or read from the PLC by the daemon when
+      the frame arrives (``part_id: plc``).
+    """
 
     mode: Literal["triggered"]
-    source: Literal["software", "hardware"] = "software"
+    source: Literal["software", "hardware", "plc"] = "software"
     line: str = Field(default="Line0", description="TriggerSource for hardware triggers.")
     activation: Literal["RisingEdge", "FallingEdge", "AnyEdge", "LevelHigh", "LevelLow"] = (
         "RisingEdge"
@@ -42,15 +53,57 @@ class TriggeredMode(_Strict):
         description="Software triggers only: the worker fires triggers itself at this rate (a "
         "stand-in for the PLC's part-present signal on a bench or with a simulator).",
     )
+    part_id: Literal["plc", "count"] | None = Field(
+        default=None,
+        description="Hardware triggers only: 'count' (default) = the trigger count; 'plc' = the "
+        "daemon reads the part id from the PLC when the frame arrives.",
+    )
 
     @model_validator(mode="after")
-    def _rate_needs_software(self) -> TriggeredMode:
+    def _source_rules(self) -> TriggeredMode:
         if self.rate_hz is not None and self.source != "software":
-            raise ValueError("trigger.rate_hz applies to source: software only")
+            why = (
+                "the PLC fires the triggers (remove rate_hz, or use source: software)"
+                if self.source == "plc"
+                else "hardware triggers come from the trigger line"
+            )
+            raise ValueError(f"trigger.rate_hz applies to source: software only: {why}")
+        if self.part_id is not None and self.source != "hardware":
+            raise ValueError(
+                "trigger.part_id applies to source: hardware only (software triggers number "
+                "their parts by count; source: plc takes the id the daemon passes with the trigger)"
+            )
         return self
+
+    @property
+    def fires_software(self) -> bool:
+        """Someone on the host fires each trigger (the worker, the daemon for the PLC)."""
+        return self.source != "hardware"
+
+    @property
+    def part_id_from_plc(self) -> bool:
+        """Hardware trigger whose part id the daemon reads from the PLC when the frame arrives."""
+        return self.source == "hardware" and self.part_id == "plc"
 
 
 TriggerSettings = Annotated[FreeRunTrigger | TriggeredMode, Field(discriminator="mode")]
+
+
+class MaxFrameSettings(_Strict):
+    """The largest frame a camera may hand on, and what happens to a bigger one.
+
+    One 8000x8000 frame (a wrong ROI, a replay folder with a stray photo) cost so much to copy,
+    preprocess and infer that admission control fail-safed 1030 of the next 1112 frames on the
+    whole line. A frame above the limit is either ``refuse``d (handed on marked with a
+    ``problem``, its pixels dropped, so the daemon writes a fail-safe REJECT for that one part)
+    or ``downscale``d in the camera thread (cv2.INTER_AREA, aspect kept) before it is handed on.
+    ``refuse`` is the default because a downscaled frame no longer matches ROIs and
+    ``min_area_px`` given in camera pixels.
+    """
+
+    width: int = Field(default=4096, ge=8, le=65535)
+    height: int = Field(default=4096, ge=8, le=65535)
+    action: Literal["refuse", "downscale"] = "refuse"
 
 
 class _CameraCommon(_Strict):
@@ -62,6 +115,7 @@ class _CameraCommon(_Strict):
     )
     reopen_backoff_min_s: float = Field(default=0.5, gt=0)
     reopen_backoff_max_s: float = Field(default=30.0, gt=0)
+    max_frame: MaxFrameSettings = Field(default_factory=MaxFrameSettings)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> _CameraCommon:
@@ -75,6 +129,14 @@ class ReplayCameraSettings(_CameraCommon):
 
     type: Literal["replay"]
     path: Path
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _not_empty(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("is empty: name a folder of images or a video file")
+        return v
+
     fps: float = Field(default=30.0, ge=0, description="0 = as fast as the consumer reads.")
     loop: bool = True
     grayscale: bool = False
@@ -110,6 +172,22 @@ class DeviceSelector(_Strict):
     model: str | None = None
 
 
+def _nodes_fit_max_frame(cam_nodes: NodeSettings, limit: MaxFrameSettings) -> None:
+    """A configured ROI above ``max_frame`` with ``refuse`` would fail-safe every part: say so
+    at ``edge config check`` instead of on the line."""
+    if limit.action != "refuse":
+        return
+    for axis, value, cap in (
+        ("width", cam_nodes.width, limit.width),
+        ("height", cam_nodes.height, limit.height),
+    ):
+        if value is not None and value > cap:
+            raise ValueError(
+                f"nodes.{axis} {value} > max_frame.{axis} {cap} with max_frame.action: refuse: "
+                f"every frame would be refused; raise max_frame.{axis} or set action: downscale"
+            )
+
+
 class GenicamCameraSettings(_CameraCommon):
     """A GenTL producer (.cti) driven through harvesters."""
 
@@ -129,6 +207,11 @@ class GenicamCameraSettings(_CameraCommon):
         gt=0,
         description="Period after which the device timestamp wraps (TLSimu: 1_000_000_000).",
     )
+
+    @model_validator(mode="after")
+    def _fits(self) -> GenicamCameraSettings:
+        _nodes_fit_max_frame(self.nodes, self.max_frame)
+        return self
 
 
 class AravisCameraSettings(_CameraCommon):
@@ -153,6 +236,11 @@ class AravisCameraSettings(_CameraCommon):
     fetch_timeout_s: float = Field(default=0.2, gt=0)
     buffer_count: int = Field(default=8, ge=1, le=256)
     output: Literal["mono8", "bgr8"] = "mono8"
+
+    @model_validator(mode="after")
+    def _fits(self) -> AravisCameraSettings:
+        _nodes_fit_max_frame(self.nodes, self.max_frame)
+        return self
 
 
 CameraSettings = Annotated[

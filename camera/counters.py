@@ -7,8 +7,6 @@ counts and latency figures must survive those wraps instead of reporting a 65 53
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 
 class FrameIdUnwrapper:
     """Raw device frame ids -> a monotonically growing id whose gaps are real losses.
@@ -84,21 +82,14 @@ class TimestampUnwrapper:
         return raw + self._offset
 
 
-def part_id_of(
-    frame_id: int,
-    first_frame_id: int,
-    part_base: int,
-    triggered: bool,
-    answered: Callable[[], int] | None,
-) -> int:
-    """The part a frame belongs to.
+def part_id_of(frame_id: int, first_frame_id: int, part_base: int, triggered: bool) -> int:
+    """The part a frame belongs to, as far as the device can tell.
 
-    Software trigger: the trigger it answers (triggers are queued one at a time). Hardware
-    trigger: the device counts one frame per trigger, so the frame-id delta maps frames to
-    triggers even when a frame is lost in between. Free run: every frame is its own part.
+    Triggered: the device counts one frame per trigger, so the frame-id delta maps frames to
+    triggers even when a frame is lost in between (hardware ``part_id: count``). Software
+    triggers get their real part id from the worker (camera.triggerq), which replaces this
+    count. Free run: every frame is its own part.
     """
-    if answered is not None:
-        return answered()
     if triggered:
         return part_base + (frame_id - first_frame_id) + 1
     return frame_id

@@ -28,10 +28,10 @@ from harvesters.core import Harvester, ImageAcquirer
 from camera.config import DeviceSelector, GenicamCameraSettings, TriggeredMode
 from camera.counters import FrameIdUnwrapper, TimestampUnwrapper, part_id_of
 from camera.frame import Frame
+from camera.guard import PLACEHOLDER
 from camera.nodes import Kind, NodeReport, Value, apply, describe, plan
 from camera.pixels import convert
 from camera.source import CameraConfigError, CameraError
-from camera.triggerq import TriggerQueue
 
 log = structlog.get_logger(__name__)
 
@@ -243,12 +243,12 @@ class GenicamSource:
         self.camera_id = settings.id
         self.settings = settings
         self._triggered = isinstance(settings.trigger, TriggeredMode)
-        self._software_trigger = self._triggered and settings.trigger.source == "software"  # type: ignore[union-attr]
+        trig = settings.trigger
+        self._software_trigger = isinstance(trig, TriggeredMode) and trig.fires_software
         self._fetch_lock = threading.Lock()
         self._ctl_lock = threading.Lock()  # node access (trigger) vs. destroy
         self._producer: Producer | None = None
         self._s: _Session | None = None
-        self._triggers = TriggerQueue(self._fire)
         self._last_part = 0
         self.node_report: NodeReport | None = None
         self.device: dict[str, Any] | None = None
@@ -319,13 +319,12 @@ class GenicamSource:
             ia.start()
         except Exception as exc:
             raise CameraError(f"camera {st.id}: acquisition start failed: {exc}") from exc
-        self._triggers.reset()  # queued triggers died with the previous session
         self._s = _Session(
             ia=ia,
             nodes=nodes,
             frame_ids=FrameIdUnwrapper(),
             stamps=TimestampUnwrapper(st.timestamp_wrap_ns),
-            part_base=max(self._triggers.fired, self._last_part),
+            part_base=self._last_part,
         )
 
     def read(self, timeout_s: float) -> Frame | None:
@@ -351,7 +350,14 @@ class GenicamSource:
     def _frame(self, s: _Session, buf: Any, arrived_ns: int, wall_ns: int) -> Frame:
         comp = buf.payload.components[0]
         fmt = str(comp.data_format)
-        image, out_fmt = convert(comp.data, comp.width, comp.height, fmt, self.settings.output)
+        problem: str | None = None
+        try:
+            image, out_fmt = convert(comp.data, comp.width, comp.height, fmt, self.settings.output)
+        except CameraConfigError as exc:  # the frame is still a part: mark it, never raise
+            image, out_fmt, problem = PLACEHOLDER, "Mono8", f"unsupported pixel format: {exc}"
+        except ValueError as exc:  # buffer size does not match width x height x format
+            image, out_fmt = PLACEHOLDER, "Mono8"
+            problem = f"corrupt buffer ({comp.width}x{comp.height} {fmt}): {exc}"
         try:
             raw_id: int | None = int(buf.frame_id)
         except Exception:
@@ -363,10 +369,9 @@ class GenicamSource:
         frame_id = s.frame_ids(raw_id) if raw_id is not None else s.frame_ids.next()
         if s.first_frame_id is None:
             s.first_frame_id = frame_id
-        part_id = part_id_of(
-            frame_id, s.first_frame_id, s.part_base, self._triggered,
-            self._triggers.answered if self._software_trigger else None,
-        )
+        # Software triggers: the worker replaces this count with the id it queued the trigger
+        # under (camera.triggerq); used standalone (CLI snapshot) the count is all there is.
+        part_id = part_id_of(frame_id, s.first_frame_id, s.part_base, self._triggered)
         self._last_part = max(self._last_part, part_id)
         ready_ns = time.monotonic_ns()
         return Frame(
@@ -380,12 +385,14 @@ class GenicamSource:
             device_timestamp_ns=s.stamps(raw_ts, arrived_ns),
             source_meta={"device_pixel_format": fmt, "raw_frame_id": raw_id,
                          "ready_ns": ready_ns},
+            problem=problem,
         )
 
     def trigger(self) -> None:
-        """Request one software trigger (one part); serialised, see camera.triggerq."""
+        """Execute TriggerSoftware once. Raises CameraError when it cannot; serialising
+        triggers (one in flight) is the worker's job, see camera.triggerq."""
         if self._software_trigger:
-            self._triggers.request()
+            self._fire()
 
     def _fire(self) -> None:
         with self._ctl_lock:

@@ -91,7 +91,7 @@ def plan(
     add("trigger", ("TriggerSelector",), "FrameStart", implicit=True)
     if isinstance(trigger, TriggeredMode):
         # Frame rate is left alone: in triggered mode the trigger sets the pace.
-        src = "Software" if trigger.source == "software" else trigger.line
+        src = "Software" if trigger.fires_software else trigger.line
         steps.append(Step("trigger.mode", ("TriggerMode",), "On", required=True))
         steps.append(Step("trigger.source", ("TriggerSource",), src, required=True))
         if trigger.source == "hardware":

@@ -90,7 +90,7 @@ def _grab(src: FrameSource, settings: CameraSettingsT, timeout_s: float) -> Fram
     from camera.config import TriggeredMode
 
     trig = settings.trigger
-    soft = isinstance(trig, TriggeredMode) and trig.source == "software"
+    soft = isinstance(trig, TriggeredMode) and trig.fires_software
     try:
         return fresh_frame(src.read, skip=0, timeout_s=timeout_s,
                            trigger=src.trigger if soft else None)
@@ -254,7 +254,7 @@ def calibrate_command(
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     trig = settings.trigger
-    soft = isinstance(trig, TriggeredMode) and trig.source == "software"
+    soft = isinstance(trig, TriggeredMode) and trig.fires_software
     notes: list[str] = []
     updates: list[tuple[list[str | int], Any]] = []
     with _opened(settings) as src:
@@ -401,6 +401,8 @@ def replay_command(
         src.open()
     except CameraError as exc:
         raise fail(str(exc), 2) from None
+    for bad in src.skipped_paths:  # skipped, not fatal: the rest is still worth inspecting
+        typer.echo(f"skipped (cannot decode): {bad}", err=True)
     out.mkdir(parents=True, exist_ok=True)
     roi = _roi_from_config(cfg, cam.id)
     counts: dict[str, int] = {}
@@ -445,4 +447,7 @@ def replay_command(
             writer.writeheader()
             writer.writerows(rows)
     summary = "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    typer.echo(f"{len(rows)} image(s): {summary or 'none'}; overlays and verdicts in {out}")
+    skipped = f", {src.skipped_files} undecodable skipped" if src.skipped_files else ""
+    typer.echo(
+        f"{len(rows)} image(s): {summary or 'none'}{skipped}; overlays and verdicts in {out}"
+    )

@@ -165,6 +165,56 @@ def scenario_trigger(tmp: Path) -> dict[str, Any]:
     return {"parts": [f.part_id for f in rec.frames], "n": rec.n()}
 
 
+def scenario_plc_trigger(tmp: Path) -> dict[str, Any]:
+    """source: plc over real GVCP: refused while the camera is absent, PLC part ids in order
+    once it answers, and the triggers queued when the device is closed under the worker are
+    reported lost (then the camera is reopened and parts flow again)."""
+    s = settings(trigger={"mode": "triggered", "source": "plc"}, reopen_backoff_min_s=0.1,
+                 reopen_backoff_max_s=0.2)
+    src = AravisSource(s)
+    rec = Rec()
+    lost: list[tuple[int, str]] = []
+    gate = threading.Event()
+
+    def consumer(f: Frame) -> None:
+        rec.on_frame(f)
+        if f.part_id == 900:
+            gate.wait(10)  # busy while the PLC announces more parts
+
+    w = CameraWorker.from_settings(s, on_frame=consumer, on_state=rec.on_state, source=src,
+                                   on_trigger_lost=lambda _c, p, r: lost.append((p, r)))
+    w.start()
+    try:
+        wait_until(lambda: w.state == "down", 20, "no camera yet: down")
+        refused_while_down = not w.trigger(1)
+        with fake_camera(tmp / "fake.log"):
+            try:
+                wait_until(lambda: w.state == "up", 20, "up once the camera answers")
+                parts = [65_000 + 7 * i for i in range(12)]  # ids wider than 16 bits
+                for p in parts:
+                    assert w.trigger(p)
+                wait_until(lambda: rec.n() == len(parts), 10, "one frame per trigger")
+                assert w.trigger(900)
+                wait_until(lambda: rec.n() == len(parts) + 1, 10, "frame 900 in the consumer")
+                for p in (901, 902, 903):
+                    assert w.trigger(p)
+                src.close()  # the device is closed under the worker (its thread is in on_frame)
+                gate.set()
+                wait_until(lambda: len(lost) == 3, 10, "lost parts reported")
+                wait_until(lambda: [st for st, _r, _t in rec.states][-1:] == ["up"]
+                           and len(rec.states) >= 4, 20, "reopened")
+                assert w.trigger(904)
+                wait_until(lambda: rec.n() == len(parts) + 2, 10, "frame after reopen")
+            finally:
+                w.stop(10)  # before the camera goes: closing a vanished camera waits on GVCP
+    finally:
+        w.stop(10)
+    return {"refused_while_down": refused_while_down, "parts": parts,
+            "got": [f.part_id for f in rec.frames], "lost": [p for p, _r in lost],
+            "reasons": [r for _p, r in lost], "states": [st for st, _r, _t in rec.states],
+            "stats": w.stats()}
+
+
 def scenario_disappear(tmp: Path) -> dict[str, Any]:
     """Kill the camera: down within the stall timeout; restart it: up again."""
     s = settings(stall_timeout_s=1.0, reopen_backoff_min_s=0.2, reopen_backoff_max_s=0.5)
@@ -220,9 +270,11 @@ def scenario_lost_hw(tmp: Path) -> dict[str, Any]:
 def scenario_rejected(tmp: Path) -> dict[str, Any]:
     with fake_camera(tmp / "fake.log"):
         try:
+            # max_frame downscale: the device, not the frame-size check, must reject 99999
             AravisSource(settings(nodes={"width": 99999, "exposure_us": 1.0,
                                          "pixel_format": "YUV"},
-                                  required_nodes=["Gain"])).open()
+                                  required_nodes=["Gain"],
+                                  max_frame={"action": "downscale"})).open()
             return {"error": None}
         except CameraError as exc:
             return {"error": str(exc), "type": type(exc).__name__}

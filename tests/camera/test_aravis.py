@@ -63,6 +63,20 @@ def test_software_trigger_gives_one_part_per_trigger(tmp_path: Path) -> None:
     assert r["parts"] == list(range(1, 16))
 
 
+def test_plc_triggers_over_gige_carry_plc_part_ids_and_losses_are_reported(
+    tmp_path: Path,
+) -> None:
+    r = scenario("plc_trigger", tmp_path)
+    assert r["refused_while_down"]
+    assert r["got"] == [*r["parts"], 900, 904]
+    assert r["lost"] == [901, 902, 903]
+    assert all(("closed" in x) for x in r["reasons"]), r["reasons"]
+    assert r["states"][:2] == ["down", "up"] and r["states"][-2:] == ["down", "up"]
+    st = r["stats"]
+    assert st["triggers"] == len(r["parts"]) + 5 and st["lost_triggers"] == 3
+    assert st["refused_triggers"] == 1 and st["unsolicited"] == 0 and st["missed"] == 0
+
+
 def test_camera_disappears_detected_and_reopened(tmp_path: Path) -> None:
     r = scenario("disappear", tmp_path)
     assert [s for s, _ in r["states"]] == ["up", "down", "up"]

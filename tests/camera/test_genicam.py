@@ -163,6 +163,7 @@ def test_rejected_settings_give_clear_errors() -> None:
     bad = cam(
         nodes={"width": 99999, "height": 10, "pixel_format": "Foo", "extra": {"Bogus": 1}},
         required_nodes=["ExposureTime"],
+        max_frame={"action": "downscale"},  # the device, not the frame-size check, rejects it
     )
     with pytest.raises(CameraConfigError) as ei:
         GenicamSource(bad).open()
@@ -186,7 +187,7 @@ def test_rejected_settings_give_clear_errors() -> None:
 def test_rejected_settings_reported_through_worker() -> None:
     rec = Rec()
     w = CameraWorker.from_settings(
-        cam(nodes={"width": 5000}, reopen_backoff_min_s=5),
+        cam(nodes={"width": 5000}, reopen_backoff_min_s=5, max_frame={"action": "downscale"}),
         on_frame=rec.on_frame, on_state=rec.on_state,
     )
     w.start()
@@ -251,3 +252,95 @@ def test_worker_fires_software_triggers_at_a_rate() -> None:
     assert [f.part_id for f in frames] == list(range(1, len(frames) + 1))
     span_s = (frames[-1].captured_ns - frames[0].captured_ns) / 1e9
     assert (len(frames) - 1) / span_s == pytest.approx(40.0, rel=0.25)
+
+
+class Lost:
+    def __init__(self) -> None:
+        self.parts: list[int] = []
+        self.reasons: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, _cam: str, part: int, reason: str) -> None:
+        with self.lock:
+            self.parts.append(part)
+            self.reasons.append(reason)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.parts)
+
+
+def test_plc_triggers_give_frames_with_exactly_those_part_ids() -> None:
+    """source: plc on a real GenTL producer: TriggerSoftware per part, the PLC's ids, in order,
+    even when the daemon fires them back to back (TLSimu alone drops triggers < ~5 ms apart)."""
+    rec = Rec()
+    lost = Lost()
+    w = CameraWorker.from_settings(
+        cam(trigger={"mode": "triggered", "source": "plc"}),
+        on_frame=rec.on_frame, on_state=rec.on_state, on_trigger_lost=lost,
+    )
+    assert w.triggered_by_plc
+    w.start()
+    try:
+        wait_until(lambda: w.state == "up", 10, "camera up")
+        parts = [70_000 + 13 * i for i in range(15)] + [5, 4_000_000_000]
+        for p in parts:
+            assert w.trigger(p)
+        wait_until(lambda: rec.count() == len(parts), 10, "one frame per trigger")
+        idle = w.stats()["idle_reads"]
+        wait_until(lambda: w.stats()["idle_reads"] >= idle + 3, 10, "idle reads, no trigger")
+    finally:
+        assert w.stop(5)
+    assert [f.part_id for f in rec.frames] == parts  # and no frame without a trigger
+    st = w.stats()
+    assert st["triggers"] == len(parts) and st["missed"] == 0 and st["unsolicited"] == 0
+    assert st["lost_triggers"] == 0 and not lost.parts
+
+
+def test_plc_trigger_while_down_refused_and_reopen_reports_lost_ids() -> None:
+    rec = Rec()
+    lost = Lost()
+    gate = threading.Event()
+
+    def consumer(f: Frame) -> None:
+        rec.on_frame(f)
+        if f.part_id == 500:
+            gate.wait(10)  # the consumer is busy while the PLC announces more parts
+
+    down = CameraWorker.from_settings(
+        cam(serial="SN_NOPE", trigger={"mode": "triggered", "source": "plc"}),
+        on_frame=rec.on_frame, on_state=rec.on_state,
+    )
+    down.start()
+    try:
+        wait_until(lambda: down.state == "down", 10, "missing camera down")
+        assert not down.trigger(1)
+    finally:
+        down.stop(5)
+
+    settings = cam(trigger={"mode": "triggered", "source": "plc"}, reopen_backoff_min_s=0.05)
+    src = GenicamSource(settings)
+    w = CameraWorker.from_settings(settings, on_frame=consumer, on_state=rec.on_state,
+                                   source=src, on_trigger_lost=lost)
+    w.start()
+    try:
+        wait_until(lambda: w.state == "up", 10, "camera up")
+        assert w.trigger(500)
+        wait_until(lambda: rec.count() == 1, 10, "frame 500 in the consumer")
+        for p in (501, 502, 503):
+            assert w.trigger(p)
+        src.destroy_acquirer()  # the device is lost while those triggers wait
+        gate.set()
+        wait_until(lambda: lost.count() == 3, 10, "lost parts reported")
+        wait_until(lambda: [s for s, _ in rec.states] == ["down", "up", "down", "up"], 10,
+                   "reopened")
+        assert w.trigger(504)
+        wait_until(lambda: rec.count() == 2, 10, "frame after reopen")
+    finally:
+        assert w.stop(5)
+    assert [f.part_id for f in rec.frames] == [500, 504]
+    assert lost.parts == [501, 502, 503]
+    # Whoever meets the dead acquirer first says so: the fetch, or the trigger thread firing 501.
+    assert all("destroyed" in r or "closed source" in r for r in lost.reasons)
+    st = w.stats()
+    assert st["triggers"] == 5 and st["lost_triggers"] == 3 and st["unsolicited"] == 0

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from camera.config import ReplayCameraSettings
 from camera.factory import open_source
-from camera.replay import ReplaySource
+from camera.replay import ReplaySource, replay_path_problem
 from camera.source import CameraConfigError, FrameSource
 from tests.camera.conftest import write_images
 
@@ -136,12 +136,90 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CameraConfigError, match="no images"):
         ReplaySource(settings(tmp_path / "empty")).open()
-    bad = tmp_path / "bad"
-    write_images(bad, 1)
-    (bad / "zz.png").write_bytes(b"not a png")
-    with pytest.raises(CameraConfigError, match=r"zz\.png"):
-        ReplaySource(settings(bad)).open()
+    allbad = tmp_path / "allbad"
+    allbad.mkdir()
+    (allbad / "a.png").write_bytes(b"")
+    (allbad / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(CameraConfigError, match=r"none of the 2 image files .* can be decoded"):
+        ReplaySource(settings(allbad)).open()
+    (tmp_path / "v.avi").write_bytes(b"RIFF....AVI garbage")
+    with pytest.raises(CameraConfigError, match=r"v\.avi"):
+        ReplaySource(settings(tmp_path / "v.avi")).open()
     with pytest.raises(ValidationError, match="fsp"):
         settings(tmp_path, fsp=3)
     with pytest.raises(ValidationError):
         settings(tmp_path, fps=-1)
+    with pytest.raises(ValidationError, match="path"):
+        settings("")  # type: ignore[arg-type]
+
+
+def test_undecodable_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Issue 9.8: one zero-byte PNG used to make open() raise: 0 frames, a silent camera."""
+    folder = tmp_path / "imgs"
+    write_images(folder, 3)
+    (folder / "img_001b.png").write_bytes(b"")  # a zero-byte file in the middle of the order
+    (folder / "img_002b.jpg").write_bytes(b"\xff\xd8 truncated")
+    src = ReplaySource(settings(folder, fps=0, loop=True))
+    src.open()
+    got = [src.read(1.0) for _ in range(7)]
+    src.close()
+    assert [int(f.image[0, 0, 0]) for f in got if f] == [0, 1, 2, 0, 1, 2, 0]
+    assert [f.frame_id for f in got if f] == list(range(7))  # ids consecutive: nothing missed
+    assert src.skipped_files == 2
+    assert [Path(p).name for p in src.skipped_paths] == ["img_001b.png", "img_002b.jpg"]
+    src.open()  # a reopen does not count them again (decoded once)
+    src.close()
+    assert src.skipped_files == 2
+    assert replay_path_problem(folder) is None
+    assert replay_path_problem(tmp_path / "nope") == f"{tmp_path / 'nope'} does not exist"
+    empty = tmp_path / "e"
+    empty.mkdir()
+    (empty / "x.png").write_bytes(b"")
+    assert "none of the 1 image files" in str(replay_path_problem(empty))
+
+
+def _mjpg(path: Path, n: int, corrupt: tuple[int, ...] = ()) -> None:
+    """An MJPG AVI of n frames (frame i has level 40*i); listed frames get their JPEG data
+    overwritten, as a bad sector or a truncated copy would."""
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30, (64, 48))
+    for i in range(n):
+        w.write(np.full((48, 64, 3), i * 40, np.uint8))
+    w.release()
+    data = bytearray(path.read_bytes())
+    soi = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+    assert len(soi) == n
+    for k in corrupt:
+        data[soi[k]:soi[k] + 200] = bytes(200)
+    path.write_bytes(bytes(data))
+
+
+def test_video_undecodable_frame_skipped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    _mjpg(path, 6, corrupt=(2,))
+    src = ReplaySource(settings(path, fps=0, loop=True, grayscale=True))
+    src.open()
+    got = [src.read(1.0) for _ in range(10)]
+    src.close()
+    levels = [round(f.image.mean() / 40) for f in got if f is not None]
+    assert levels == [0, 1, 3, 4, 5, 0, 1, 3, 4, 5]  # frame 2 skipped on every pass
+    assert [f.frame_id for f in got if f] == list(range(10))
+    assert src.skipped_files == 2  # met twice
+    src = ReplaySource(settings(path, fps=0, loop=False))
+    src.open()
+    n = 0
+    with pytest.raises(EOFError):
+        while True:
+            n += src.read(1.0) is not None
+    src.close()
+    assert n == 5 and src.skipped_files == 1
+
+
+def test_hardware_trigger_mode_plays_at_fps_one_part_per_image(image_dir: Path) -> None:
+    """Replay as a hardware-triggered camera: each image is one trigger of the line."""
+    src = ReplaySource(settings(image_dir, fps=0, trigger={"mode": "triggered",
+                                                           "source": "hardware"}))
+    src.open()
+    got = [src.read(1.0) for _ in range(4)]
+    src.trigger()  # no software trigger in this mode: a no-op, never an extra frame
+    src.close()
+    assert [(f.frame_id, f.part_id) for f in got if f] == [(0, 1), (1, 2), (2, 3), (3, 4)]
