@@ -728,7 +728,7 @@ def verify_package(
 # ---- writing ----
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write-to-temp + fsync + rename: a crash leaves the old file or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -776,7 +776,7 @@ def _write_seal(
         s = sign_digest(_private_key(key), digest)
         sigs[s.key_id] = s
     seal = Seal(hashlib.sha256(manifest_raw).hexdigest(), digest, tuple(sigs.values()))
-    _atomic_write(root / SEAL_NAME, seal.to_bytes())
+    atomic_write(root / SEAL_NAME, seal.to_bytes())
     return seal
 
 
@@ -840,7 +840,7 @@ def repackage(
         for name in manifest.files:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(root / name, target / name)
-        _atomic_write(target / MANIFEST_NAME, raw)
+        atomic_write(target / MANIFEST_NAME, raw)
     _write_seal(target, raw, hashes, keep=keep, sign_with=_as_keys(sign_with))
     return load_package(target, check_model=False)
 
@@ -936,7 +936,7 @@ def write_package(
             f"the manifest for {out} would be {len(raw)} bytes (limit {MAX_MANIFEST_BYTES}); "
             "put large documents in a listed file instead of the manifest"
         )
-    _atomic_write(manifest_path, raw)
+    atomic_write(manifest_path, raw)
     hashes = {n: (f["sha256"], f["bytes"]) for n, f in files.items()}
     _write_seal(out, raw, hashes, sign_with=[signer] if signer is not None else [])
     return out

@@ -79,6 +79,10 @@ json.dump({
 }, open(f"{work}/training.json", "w"), indent=2)
 PY
 # The package command refuses a model that failed the gate (exit 1): nothing is replaced then.
+# It seals the package (package.digest: sha256 over manifest + files, see models/package.py) and
+# records the drift baseline from the data set's val split (validation_stats.json); the
+# committed 1.0.0 predates both and was sealed in place with `edge model repackage`.
+# Add --sign KEY to sign it (edge model keygen).
 $EDGE_MODEL package --model "$WORK/model.onnx" --eval "$WORK/eval.json" --out "$OUT" \
     --name synth-demo --version "$VERSION" --plc-model-id 1 \
     --training-json "$WORK/training.json" --overwrite ${PACKAGE_FLAGS:-}
