@@ -344,3 +344,32 @@ def test_plc_trigger_while_down_refused_and_reopen_reports_lost_ids() -> None:
     assert all("destroyed" in r or "closed source" in r for r in lost.reasons)
     st = w.stats()
     assert st["triggers"] == 5 and st["lost_triggers"] == 3 and st["unsolicited"] == 0
+
+
+def test_unknown_device_pixel_format_marks_the_frame_instead_of_raising() -> None:
+    """TLSimu cannot be switched to a format we lack (its PixelFormat writes are ignored), so
+    the buffer is a stand-in here: a YUV422 buffer used to raise out of read() and put the
+    camera into a reopen loop; now that part gets a frame with a problem (one fail-safe)."""
+    from types import SimpleNamespace
+
+    from camera.counters import FrameIdUnwrapper, TimestampUnwrapper
+    from camera.genicam import _Session
+    from camera.guard import PLACEHOLDER
+
+    src = GenicamSource(cam())
+    session = _Session(ia=None, nodes=None, frame_ids=FrameIdUnwrapper(),  # type: ignore[arg-type]
+                       stamps=TimestampUnwrapper(None), part_base=0)
+
+    def buf(fmt: str, nbytes: int) -> Any:
+        comp = SimpleNamespace(data_format=fmt, data=np.zeros(nbytes, np.uint8), width=8,
+                               height=4)
+        return SimpleNamespace(payload=SimpleNamespace(components=[comp]), frame_id=3,
+                               timestamp_ns=5)
+
+    yuv = src._frame(session, buf("YUV422_8", 64), 1, 2)
+    assert yuv.problem is not None and yuv.problem.startswith("unsupported pixel format")
+    assert "Mono8" in yuv.problem and yuv.image is PLACEHOLDER
+    short = src._frame(session, buf("Mono8", 10), 1, 2)  # 10 bytes for an 8x4 Mono8 frame
+    assert short.problem is not None and short.problem.startswith("corrupt buffer (8x4 Mono8)")
+    good = src._frame(session, buf("Mono8", 32), 1, 2)
+    assert good.problem is None and good.image.shape == (4, 8)
