@@ -1,7 +1,7 @@
 """The decision record's wire layout, shared by every backend and documented in
 docs/plc-register-map.md (keep the two in step).
 
-The record is 10 16-bit words / 20 bytes. The sequence number comes LAST on purpose: a PLC (or
+Record v2 is 12 16-bit words / 24 bytes. The sequence number comes LAST on purpose: a PLC (or
 Modbus server) that applies a multi-register write in address order sees the strobe change only
 after every other field of the record is in place.
 
@@ -13,7 +13,14 @@ after every other field of the record is in place.
     5     10    latency_ms       uint16  (capture -> decision, saturates at 65535)
     6     12    model_id         uint16
     7     14    reason           uint16  (fail-safe reason code; 0 for real verdicts)
-    8-9   16-19 sequence         uint32  (the "new result" strobe, +1 per record per camera)
+    8     16    recipe           uint16  (recipe / product type the part was judged under)
+    9     18    reserved         uint16  (always 0)
+    10-11 20-23 sequence         uint32  (the "new result" strobe, +1 per record per camera)
+
+Ring mode (results.mode: ring) keeps per camera a HEAD (uint32: the sequence of the newest record
+written, 0 = none) followed by N record slots; the record with sequence s lives in slot
+(s - 1) mod N, and the head is written in a request AFTER the record, so a PLC that reads the head
+and then the slots never sees a half-written record.
 """
 
 from __future__ import annotations
@@ -24,15 +31,22 @@ from typing import Literal
 
 from plc.record import DecisionRecord
 
-RECORD_WORDS = 10
+RECORD_VERSION = 2
+RECORD_WORDS = 12
 RECORD_BYTES = 2 * RECORD_WORDS
-SEQUENCE_WORD = 8
+RECIPE_WORD = 8
+SEQUENCE_WORD = 10
 """Word offset of the sequence (strobe) inside the record."""
 SEQUENCE_BYTE = 2 * SEQUENCE_WORD
 
+RING_HEAD_WORDS = 2
+"""Modbus ring block: head (uint32) at +0..1, slot k at +2 + 12k."""
+RING_HEAD_BYTES = 4
+"""S7 ring block: head (UDInt) at +0, slot k at +4 + 24k."""
+
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
-_BIG = struct.Struct(">IHHHHHHI")
+_BIG = struct.Struct(">IHHHHHHHHI")
 assert _BIG.size == RECORD_BYTES
 
 Order = Literal["big", "little"]
@@ -44,7 +58,7 @@ def _u16(value: int) -> int:
 
 
 def record_bytes(record: DecisionRecord) -> bytes:
-    """The record as the 20 bytes an S7 DB (big-endian) or a big/big Modbus map holds."""
+    """The record as the 24 bytes an S7 DB (big-endian) or a big/big Modbus map holds."""
     return _BIG.pack(
         int(record.part_id) & _U32,
         _u16(record.verdict),
@@ -53,6 +67,8 @@ def record_bytes(record: DecisionRecord) -> bytes:
         _u16(record.latency_ms),
         _u16(record.model_id),
         _u16(record.reason),
+        _u16(record.recipe),
+        0,
         int(record.sequence) & _U32,
     )
 
@@ -66,6 +82,7 @@ class DecodedRecord:
     latency_ms: int
     model_id: int
     reason: int
+    recipe: int
     sequence: int
 
     def as_dict(self) -> dict[str, int]:
@@ -75,7 +92,10 @@ class DecodedRecord:
 def decode_record_bytes(data: bytes) -> DecodedRecord:
     if len(data) < RECORD_BYTES:
         raise ValueError(f"record needs {RECORD_BYTES} bytes, got {len(data)}")
-    return DecodedRecord(*_BIG.unpack_from(data))
+    part_id, verdict, cls, score, latency, model, reason, recipe, _reserved, seq = (
+        _BIG.unpack_from(data)
+    )
+    return DecodedRecord(part_id, verdict, cls, score, latency, model, reason, recipe, seq)
 
 
 def _swap16(word: int) -> int:
@@ -123,7 +143,7 @@ def words_to_bytes(
 def record_words(
     record: DecisionRecord, *, word_order: Order = "big", byte_order: Order = "big"
 ) -> list[int]:
-    """The 10 register values of one Modbus write_registers request."""
+    """The 12 register values of one Modbus write_registers request."""
     return bytes_to_words(record_bytes(record), word_order=word_order, byte_order=byte_order)
 
 
@@ -164,3 +184,82 @@ def u16_word(value: int, *, byte_order: Order = "big") -> int:
 
 def u16_from_word(word: int, *, byte_order: Order = "big") -> int:
     return _swap16(word) if byte_order == "little" else word
+
+
+def ring_block_words(ring_size: int) -> int:
+    """Registers one camera's ring takes in the Modbus map (head + slots)."""
+    return RING_HEAD_WORDS + ring_size * RECORD_WORDS
+
+
+def ring_block_bytes(ring_size: int) -> int:
+    """Bytes one camera's ring takes in the S7 DB (head + slots)."""
+    return RING_HEAD_BYTES + ring_size * RECORD_BYTES
+
+
+def ring_slot(sequence: int, ring_size: int) -> int:
+    """The slot the record with `sequence` (1..2^32-1) occupies: (sequence - 1) mod ring_size.
+
+    At the uint32 wrap (2^32-1 -> 1, 0 is skipped) the slot index jumps; a PLC that computes the
+    slot with the same formula, as the documented program does, never notices.
+    """
+    return ((int(sequence) & _U32) - 1) % ring_size
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True, slots=True)
+class Area:
+    """A per-camera (or single) block of a map, for overlap/limit checks and read planning."""
+
+    key: str
+    """What the user sets to move it, e.g. "trigger counters (trigger_base, trigger_stride)"."""
+    start: int
+    size: int
+    """Units (registers or bytes) per element."""
+    count: int = 1
+    stride: int = 0
+
+    def spans(self) -> list[tuple[int, int]]:
+        return [(self.start + i * self.stride, self.start + i * self.stride + self.size)
+                for i in range(self.count)]
+
+    @property
+    def end(self) -> int:
+        """One past the last unit of the last element."""
+        return self.start + (self.count - 1) * self.stride + self.size
+
+
+def check_areas(areas: list[Area], limit: int, unit: str, prefix: str) -> None:
+    """Raise ValueError naming the keys when an area runs past `limit` or two areas overlap."""
+    for a in areas:
+        if a.end > limit:
+            raise ValueError(
+                f"{prefix}{a.key} ends at {unit} {a.end - 1}, beyond {limit - 1}: lower the "
+                "address or the stride"
+            )
+    spans = sorted((lo, hi, a.key) for a in areas for lo, hi in a.spans())
+    reach_hi, reach_key, reach_lo = -1, "", -1
+    for lo, hi, key in spans:
+        if lo < reach_hi and key != reach_key:
+            raise ValueError(
+                f"{prefix}map overlap: {reach_key} [{reach_lo}..{reach_hi - 1}] and {key} "
+                f"[{lo}..{hi - 1}]: move one of them"
+            )
+        if hi > reach_hi:
+            reach_hi, reach_key, reach_lo = hi, key, lo
+
+
+def plan_reads(spans: list[tuple[int, int]], max_span: int) -> list[tuple[int, int]]:
+    """Group [lo, hi) spans into as few reads as possible, each covering at most `max_span`
+    units: (start, count) per read, in address order. Gaps inside a read are read and ignored."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if out:
+            g_lo, g_n = out[-1]
+            if max(g_lo + g_n, hi) - g_lo <= max_span:
+                out[-1] = (g_lo, max(g_lo + g_n, hi) - g_lo)
+                continue
+        out.append((lo, hi - lo))
+    return out

@@ -12,8 +12,16 @@ ejector is worse than none, so the rules here are strict:
   its deadline is not sent (DROPPED_LATE);
 * a request that times out in flight is UNKNOWN: the connection is dropped (a late response can
   then never be mistaken for the next request's) and, before any later write, the link reads the
-  record back to learn whether it was applied;
-* nothing is queued: after a reconnect there is nothing old to replay.
+  record back to learn whether it was applied. That read-back has its OWN budget
+  (readback_timeout_ms): given the triggering write's last milliseconds, a read-back answered in
+  < 1 ms timed out, and recovery after SIGSTOP/SIGCONT of the PLC took 417 ms;
+* after a connection was lost, the link reports itself connected only once the PLC answered a
+  probe on the new connection (the read-back, or a small read): a hung PLC whose kernel still
+  accepts TCP connects would otherwise let every write burn its whole budget;
+* nothing is queued: after a reconnect there is nothing old to replay;
+* ring mode (results.mode: ring): a record never overwrites a slot the PLC may not have read yet
+  (written less than results.plc_scan_ms ago, or, acknowledged, not yet acknowledged): the write
+  waits inside its budget instead, so a catch-up burst is paced to what the PLC can read.
 """
 
 from __future__ import annotations
@@ -22,15 +30,23 @@ import abc
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
 
-from plc.config import _LinkTiming
-from plc.layout import DecodedRecord
-from plc.record import Alarm, DecisionRecord, WriteOutcome, WriteResult
+from plc.config import ResultsSettings, _LinkTiming
+from plc.layout import DecodedRecord, ring_slot
+from plc.record import (
+    Alarm,
+    DecisionRecord,
+    PlcInputs,
+    WriteOutcome,
+    WriteResult,
+    unacked_count,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +76,12 @@ class LinkStats:
     connection_losses: int = 0
     reads_ok: int = 0
     reads_failed: int = 0
+    probes_failed: int = 0
+    """Reconnects whose first request (read-back or probe) got no answer: a hung PLC."""
+    ring_waits: int = 0
+    """Ring mode: records that waited for the PLC to read (or acknowledge) the slot they reuse."""
+    ring_full: int = 0
+    """Ring mode: records dropped because their slot was not free before their deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +94,24 @@ class LinkHealth:
     rtt_ewma_ms: float
     unconfirmed_writes: int
     stats: LinkStats = field(default_factory=LinkStats)
+
+
+@dataclass(frozen=True, slots=True)
+class RingView:
+    """One camera's ring as the PLC holds it (tools and tests)."""
+
+    head: int
+    """Sequence of the newest record written (0 = none)."""
+    records: list[DecodedRecord]
+    """Slot 0..N-1 as stored (slot k holds the record whose sequence s has (s-1) mod N == k)."""
+
+    def newest(self) -> DecodedRecord | None:
+        if self.head == 0:
+            return None
+        return self.records[ring_slot(self.head, len(self.records))]
+
+
+STATUS_PERIOD_FLOOR_MS = 20.0
 
 
 @dataclass(slots=True)
@@ -88,9 +128,22 @@ class ReconnectingLink(abc.ABC):
 
     backend = "?"
 
-    def __init__(self, timing: _LinkTiming, target: str) -> None:
+    def __init__(
+        self,
+        timing: _LinkTiming,
+        target: str,
+        camera_slots: int,
+        results: ResultsSettings | None = None,
+    ) -> None:
+        if camera_slots < 1:
+            raise ValueError(f"camera_slots must be >= 1, got {camera_slots}")
         self._timing = timing
         self._target = target
+        self.camera_slots = camera_slots
+        self.results = results or ResultsSettings()
+        self._ring_hist: dict[int, deque[tuple[int, int]]] = {}
+        """Ring mode, per camera: (sequence, time written ns) of the last ring_size records."""
+        self._ack_seen: dict[int, int] = {}
         self._connected = False
         self._closing = False
         self._lock: asyncio.Lock | None = None
@@ -134,6 +187,49 @@ class ReconnectingLink(abc.ABC):
     @abc.abstractmethod
     async def read_status(self, deadline_ns: int) -> tuple[int, Alarm] | None:
         """(heartbeat, alarms) as the PLC holds them (tools and tests)."""
+
+    @abc.abstractmethod
+    async def read_inputs(
+        self,
+        deadline_ns: int,
+        *,
+        triggers: bool = True,
+        recipe: bool = False,
+        acks: bool = False,
+    ) -> PlcInputs | None: ...
+
+    @abc.abstractmethod
+    async def read_sequences(self, deadline_ns: int) -> list[int] | None: ...
+
+    @abc.abstractmethod
+    async def read_ring(self, camera_index: int, deadline_ns: int) -> RingView | None:
+        """Ring mode: head and every slot of a camera's ring (tools and tests)."""
+
+    @abc.abstractmethod
+    async def _probe(self, timeout_s: float) -> None:
+        """One small read that proves the PLC answers on this connection (raises otherwise)."""
+
+    @abc.abstractmethod
+    async def _read_ack(self, camera_index: int, timeout_s: float) -> int:
+        """Acknowledged mode: the sequence the PLC last consumed for this camera (raises)."""
+
+    def _check_cam(self, camera_index: int) -> None:
+        if not 0 <= camera_index < self.camera_slots:
+            raise ValueError(f"camera_index {camera_index} outside 0..{self.camera_slots - 1}")
+
+    @property
+    def min_status_period_ms(self) -> float:
+        """The shortest heartbeat period this link can honour.
+
+        A status write may wait behind a read-back (readback_timeout_ms) and needs a few round
+        trips: a heartbeat_ms below this (10 ms was accepted) starved the heartbeat for 14.5 s.
+        """
+        return max(
+            STATUS_PERIOD_FLOOR_MS,
+            self._timing.readback_timeout_ms,
+            4.0 * self._timing.min_request_ms,
+            10.0 * self._rtt_ewma_s * 1e3,
+        )
 
     # -- PlcLink plumbing ---------------------------------------------------------------------
 
@@ -237,6 +333,15 @@ class ReconnectingLink(abc.ABC):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, backoff_max)
                 continue
+            if (self._healthy is False or self._pending) and not await self._verify():
+                # The PLC accepts connections but does not answer (hung, SIGSTOPped): try again
+                # at once; the read-back's own timeout already paces these attempts, and a PLC
+                # that resumes answers the pending probe immediately.
+                self.stats.probes_failed += 1
+                await self._shut()
+                await asyncio.sleep(backoff_min)
+                continue
+            backoff = backoff_min
             self._connected = True
             self._up.set()
             self._down_since_ns = None
@@ -249,15 +354,36 @@ class ReconnectingLink(abc.ABC):
             if self._down_since_ns is None:
                 self._down_since_ns = time.monotonic_ns()
             await self._shut()
-            if self._healthy:
-                # It answered on this connection: reconnect at once (a timed-out request drops a
-                # healthy socket too), and start the backoff from the bottom.
-                backoff = backoff_min
-            else:
-                # Connects succeed but requests do not (hung PLC, wrong unit...): back off, so
-                # writes fail at once instead of each burning its budget on a dead connection.
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, backoff_max)
+            # Reconnect at once: a timed-out request drops a healthy socket too, and the probe
+            # above keeps a hung PLC from being reported connected.
+
+    async def _verify(self) -> bool:
+        """On a fresh connection after trouble: settle unknown writes (or probe) with the
+        read-back budget, before anyone may write. False = the PLC did not answer."""
+        assert self._lock is not None
+        budget_s = self._timing.readback_timeout_ms / 1e3
+        try:
+            await asyncio.wait_for(self._lock.acquire(), budget_s)
+        except TimeoutError:
+            return False
+        try:
+            if self._pending:
+                return await self._confirm_pending() is None
+            try:
+                await asyncio.wait_for(self._probe(budget_s), budget_s)
+            except DefiniteFailure as exc:
+                # It answered, even if only to refuse (e.g. a map the PLC does not hold):
+                # connected; the refusal shows on the requests that need the address.
+                self._last_error = f"probe refused: {exc}"
+                self._mark_good()
+                return True
+            except Exception as exc:
+                self._last_error = f"no answer after reconnect: {type(exc).__name__}: {exc}"
+                return False
+            self._mark_good()
+            return True
+        finally:
+            self._lock.release()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -276,16 +402,19 @@ class ReconnectingLink(abc.ABC):
             return False
         try:
             await asyncio.wait_for(self._lock.acquire(), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
-    async def _confirm_pending(self, deadline_ns: int) -> str | None:
-        """Resolve outcome-unknown writes before any other write. None = all resolved."""
+    async def _confirm_pending(self) -> str | None:
+        """Resolve outcome-unknown writes before any other write (lock held). None = resolved.
+
+        Each read-back gets readback_timeout_ms of its own: it changes nothing at the PLC, so it
+        may outlive the budget of the write that waits for it (that write is then dropped late,
+        and the next one goes out on a settled link).
+        """
+        timeout_s = self._timing.readback_timeout_ms / 1e3
         for key, pend in list(self._pending.items()):
-            timeout_s = (deadline_ns - time.monotonic_ns()) / 1e9
-            if timeout_s < self._needed_s():
-                return "late"
             try:
                 applied = await asyncio.wait_for(pend.confirm(timeout_s), timeout_s)
             except DefiniteFailure as exc:
@@ -316,8 +445,14 @@ class ReconnectingLink(abc.ABC):
         send: Callable[[float], Awaitable[None]],
         confirm: Callable[[float], Awaitable[bool]],
         deadline_ns: int,
+        *,
+        ring: tuple[int, int] | None = None,
     ) -> WriteResult:
-        """Run one write under the rules in the module docstring."""
+        """Run one write under the rules in the module docstring.
+
+        ``ring`` = (camera_index, sequence) for a record written into a ring: the slot it reuses
+        must be free (see _ring_guard), and the write is remembered for the next guard.
+        """
         if self._lock is None:
             self.stats.failed += 1
             return WriteResult(WriteOutcome.FAILED, detail="link not started")
@@ -334,16 +469,16 @@ class ReconnectingLink(abc.ABC):
                 self.stats.failed += 1
                 return WriteResult(WriteOutcome.FAILED, detail=f"not connected: {self._last_error}")
             if self._pending:
-                why = await self._confirm_pending(deadline_ns)
-                if why == "late":
-                    self.stats.dropped_late += 1
-                    return WriteResult(
-                        WriteOutcome.DROPPED_LATE,
-                        detail="no budget left after confirming an earlier write",
-                    )
+                why = await self._confirm_pending()
                 if why is not None:
                     self.stats.failed += 1
                     return WriteResult(WriteOutcome.FAILED, detail=why)
+            if ring is not None:
+                why = await self._ring_guard(ring[0], ring[1], deadline_ns)
+                if why is not None:
+                    self.stats.dropped_late += 1
+                    self.stats.ring_full += 1
+                    return WriteResult(WriteOutcome.DROPPED_LATE, detail=why)
             t0 = time.monotonic_ns()
             timeout_s = (deadline_ns - t0) / 1e9
             if timeout_s < self._needed_s():
@@ -361,20 +496,99 @@ class ReconnectingLink(abc.ABC):
                 # The caller gave up on us: the request may be on the wire.
                 self.stats.unknown += 1
                 self._mark_unknown(key, label, confirm, "cancelled in flight")
+                if ring is not None:
+                    self._ring_note(ring[0], ring[1], time.monotonic_ns())
                 raise
             except Exception as exc:  # timeout, connection lost in flight, socket error
                 self._mark_unknown(key, label, confirm, f"{type(exc).__name__}: {exc}")
                 self.stats.unknown += 1
+                if ring is not None:
+                    self._ring_note(ring[0], ring[1], time.monotonic_ns())
                 return WriteResult(
                     WriteOutcome.UNKNOWN, detail=f"no answer in time ({type(exc).__name__})"
                 )
             now = time.monotonic_ns()
             self._note_rtt((now - t0) / 1e9)
+            if ring is not None:
+                self._ring_note(ring[0], ring[1], now)
             self.stats.acked += 1
             self._mark_good()
             return WriteResult(WriteOutcome.ACKED, acked_ns=now)
         finally:
             self._lock.release()
+
+    # -- ring pacing ----------------------------------------------------------------------------
+
+    def _ring_note(self, camera_index: int, sequence: int, t_ns: int) -> None:
+        hist = self._ring_hist.get(camera_index)
+        if hist is None:
+            hist = self._ring_hist[camera_index] = deque(maxlen=self.results.ring_size)
+        hist.append((sequence, t_ns))
+
+    async def _ring_guard(self, camera_index: int, sequence: int, deadline_ns: int) -> str | None:
+        """Wait (lock held, inside the budget) until the slot `sequence` reuses may be
+        overwritten; None = go, else why not (the write is then DROPPED_LATE).
+
+        The slot is free when the record in it was written by an earlier session (unknown), or
+        `plc_scan_ms` ago (the PLC has scanned since), or, acknowledged, when the PLC's ack
+        covers it. A PLC whose ack reads 0 (fresh, never acknowledged) falls back to time.
+        """
+        r = self.results
+        hist = self._ring_hist.get(camera_index)
+        if not hist:
+            return None
+        slot = ring_slot(sequence, r.ring_size)
+        occupant = next(
+            ((s, t) for s, t in hist if s != sequence and ring_slot(s, r.ring_size) == slot), None
+        )
+        if occupant is None:
+            return None
+        occ_seq, occ_t = occupant
+        free_at = occ_t + int(r.plc_scan_ms * 1e6)
+        waited = False
+        try:
+            while True:
+                now = time.monotonic_ns()
+                if not r.acknowledged and now >= free_at:
+                    return None
+                if r.acknowledged:
+                    ack = self._ack_seen.get(camera_index, 0)
+                    if ack and unacked_count(occ_seq, ack) == 0:
+                        return None
+                    budget_s = min(
+                        self._timing.readback_timeout_ms / 1e3,
+                        (deadline_ns - now) / 1e9 - self._needed_s(),
+                    )
+                    if budget_s <= self._needed_s():
+                        break
+                    ack = await asyncio.wait_for(self._read_ack(camera_index, budget_s), budget_s)
+                    self._ack_seen[camera_index] = ack
+                    if ack == 0 and time.monotonic_ns() >= free_at:
+                        return None  # a PLC that never acknowledged: time rule
+                    if ack and unacked_count(occ_seq, ack) == 0:
+                        return None
+                    pause_s = min(0.002, r.plc_scan_ms / 4e3)
+                    if ack == 0:
+                        pause_s = max(pause_s, (free_at - time.monotonic_ns()) / 1e9)
+                else:
+                    pause_s = (free_at - now) / 1e9
+                if time.monotonic_ns() + int((pause_s + self._needed_s()) * 1e9) > deadline_ns:
+                    break
+                if not waited:
+                    waited = True
+                    self.stats.ring_waits += 1
+                await asyncio.sleep(pause_s)
+        except (DefiniteFailure, NotSent) as exc:
+            return f"ring slot {slot} busy and the ack could not be read: {exc}"
+        except Exception as exc:  # the ack read timed out: the connection is suspect
+            self._connection_lost(f"ack read failed: {type(exc).__name__}: {exc}")
+            return f"ring slot {slot} busy and the ack read failed ({type(exc).__name__})"
+        age_ms = (time.monotonic_ns() - occ_t) / 1e6
+        what = "not yet acknowledged" if r.acknowledged else f"written {age_ms:.1f} ms ago"
+        return (
+            f"ring full: slot {slot} still holds sequence {occ_seq} ({what}; plc_scan_ms "
+            f"{r.plc_scan_ms:g}) and the deadline came first"
+        )
 
     def _mark_unknown(
         self, key: str, label: str, confirm: Callable[[float], Awaitable[bool]], why: str

@@ -2,7 +2,8 @@
 
 Each camera's record is a set of typed variables (see docs/plc-register-map.md, "OPC UA"). A
 decision is ONE Write service call carrying all fields, Sequence last, so a server that applies
-the WriteValues in order (all common stacks do) flips the strobe after the payload. asyncua's own
+the WriteValues in order (all common stacks do) flips the strobe after the payload. Ring mode:
+the same call writes the slot's fields and then `RingHead`, still one request. asyncua's own
 auto-reconnect is off: plc.linkbase owns reconnect, timeouts and unknown-outcome confirmation.
 
 `populate_server` builds the same address space on an asyncua server: the reference a PLC
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,9 +22,9 @@ from asyncua import Client, Node, ua
 from asyncua.ua.uaerrors import UaStatusCodeError
 
 from plc.config import OpcUaSettings
-from plc.layout import DecodedRecord
-from plc.linkbase import DefiniteFailure, NotSent, ReconnectingLink
-from plc.record import Alarm, DecisionRecord, WriteResult
+from plc.layout import DecodedRecord, ring_slot
+from plc.linkbase import DefiniteFailure, NotSent, ReconnectingLink, RingView
+from plc.record import Alarm, DecisionRecord, PlcInputs, WriteResult
 
 # (field, OPC UA type) in write order: Sequence LAST (the strobe)
 RECORD_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
@@ -33,10 +35,19 @@ RECORD_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
     ("LatencyMs", ua.VariantType.UInt16),
     ("ModelId", ua.VariantType.UInt16),
     ("Reason", ua.VariantType.UInt16),
+    ("Recipe", ua.VariantType.UInt16),
     ("Sequence", ua.VariantType.UInt32),
 )
 PLC_PART_ID = "PlcPartId"
 """Per camera, written by the PLC: the part id it expects next (UInt32)."""
+TRIGGER_COUNT = "TriggerCount"
+"""Per camera, written by the PLC: +1 per part (UInt16, wraps), after PlcPartId."""
+RECIPE = "Recipe"
+"""Top level (Inspection.Recipe), written by the PLC: the selected recipe number (UInt16)."""
+ACK_SEQUENCE = "AckSequence"
+"""Per camera, written by the PLC (acknowledged mode): last sequence consumed (UInt32)."""
+RING_HEAD = "RingHead"
+"""Ring mode, per camera, written by the appliance after the slot: newest sequence (UInt32)."""
 
 
 def record_values(record: DecisionRecord) -> list[int]:
@@ -45,8 +56,26 @@ def record_values(record: DecisionRecord) -> list[int]:
     return [
         int(record.part_id) & 0xFFFF_FFFF, u16(record.verdict), u16(record.defect_class),
         max(0, min(1000, int(record.score_permille))), u16(record.latency_ms),
-        u16(record.model_id), u16(record.reason), int(record.sequence) & 0xFFFF_FFFF,
+        u16(record.model_id), u16(record.reason), u16(record.recipe),
+        int(record.sequence) & 0xFFFF_FFFF,
     ]
+
+
+def ring_node(slot: int) -> str:
+    return f"Ring{slot}"
+
+
+def record_paths(camera_index: int, ring_slot_index: int | None = None) -> list[tuple[str, ...]]:
+    """Node paths of one record: Camera<i>.<Field>, or Camera<i>.Ring<k>.<Field> in ring mode."""
+    cam = camera_node(camera_index)
+    if ring_slot_index is None:
+        return [(cam, f) for f, _ in RECORD_FIELDS]
+    return [(cam, ring_node(ring_slot_index), f) for f, _ in RECORD_FIELDS]
+
+
+def _decoded(v: list[int]) -> DecodedRecord:
+    return DecodedRecord(part_id=v[0], verdict=v[1], defect_class=v[2], score_permille=v[3],
+                         latency_ms=v[4], model_id=v[5], reason=v[6], recipe=v[7], sequence=v[8])
 
 
 def node_id(ns: int, prefix: str, *path: str) -> ua.NodeId:
@@ -63,11 +92,9 @@ class OpcUaLink(ReconnectingLink):
     backend = "opcua"
 
     def __init__(self, settings: OpcUaSettings, camera_slots: int) -> None:
-        if camera_slots < 1:
-            raise ValueError(f"camera_slots must be >= 1, got {camera_slots}")
-        super().__init__(settings, settings.endpoint)
+        super().__init__(settings, settings.endpoint, camera_slots, settings.results)
         self.settings = settings
-        self.camera_slots = camera_slots
+        self.ring = settings.results.mode == "ring"
         self._client: Client | None = None
         self._ns = 0
 
@@ -138,16 +165,20 @@ class OpcUaLink(ReconnectingLink):
             out.append(r.Value.Value if r.Value is not None else None)
         return out
 
-    def _check_cam(self, camera_index: int) -> None:
-        if not 0 <= camera_index < self.camera_slots:
-            raise ValueError(f"camera_index {camera_index} outside 0..{self.camera_slots - 1}")
-
     async def write_decision(self, record: DecisionRecord, deadline_ns: int) -> WriteResult:
-        self._check_cam(record.camera_index)
-        cam = camera_node(record.camera_index)
-        paths = [(cam, f) for f, _ in RECORD_FIELDS]
+        """ONE Write call: the record's fields, Sequence last (ring mode: the slot's fields, then
+        RingHead). Ring mode: records of one camera must come in sequence order."""
+        cam = record.camera_index
+        self._check_cam(cam)
         types = [t for _, t in RECORD_FIELDS]
         values = record_values(record)
+        if self.ring:
+            slot = ring_slot(record.sequence, self.results.ring_size)
+            paths = [*record_paths(cam, slot), (camera_node(cam), RING_HEAD)]
+            types.append(ua.VariantType.UInt32)
+            values.append(int(record.sequence) & 0xFFFF_FFFF)
+        else:
+            paths = record_paths(cam)
 
         async def send(timeout_s: float) -> None:
             await self._write_vals(paths, values, types)
@@ -156,8 +187,8 @@ class OpcUaLink(ReconnectingLink):
             return [int(v) for v in await self._read_vals(paths)] == values
 
         return await self._write(
-            f"record{record.camera_index}", f"cam{record.camera_index}#seq{record.sequence}",
-            send, confirm, deadline_ns,
+            f"record{cam}", f"cam{cam}#seq{record.sequence}", send, confirm, deadline_ns,
+            ring=(cam, record.sequence) if self.ring else None,
         )
 
     async def write_status(self, heartbeat: int, alarms: Alarm, deadline_ns: int) -> WriteResult:
@@ -173,6 +204,13 @@ class OpcUaLink(ReconnectingLink):
 
         return await self._write("status", f"heartbeat#{heartbeat}", send, confirm, deadline_ns)
 
+    async def _probe(self, timeout_s: float) -> None:
+        await self._read_vals([("Heartbeat",)])
+
+    async def _read_ack(self, camera_index: int, timeout_s: float) -> int:
+        (v,) = await self._read_vals([(camera_node(camera_index), ACK_SEQUENCE)])
+        return int(v)
+
     async def read_part_id(self, camera_index: int, deadline_ns: int) -> int | None:
         self._check_cam(camera_index)
 
@@ -182,16 +220,77 @@ class OpcUaLink(ReconnectingLink):
 
         return await self._read(read, deadline_ns)
 
-    async def read_record(self, camera_index: int, deadline_ns: int) -> DecodedRecord | None:
-        """Read back a camera's record (for `edge plc test/watch`; the daemon never needs it)."""
+    async def read_inputs(
+        self,
+        deadline_ns: int,
+        *,
+        triggers: bool = True,
+        recipe: bool = False,
+        acks: bool = False,
+    ) -> PlcInputs | None:
+        """ONE Read call for everything asked (TriggerCount and PlcPartId of every camera,
+        Recipe, AckSequence): the server answers it from one state of its address space."""
+        n = self.camera_slots
+        paths: list[tuple[str, ...]] = []
+        if triggers:
+            paths += [(camera_node(i), TRIGGER_COUNT) for i in range(n)]
+            paths += [(camera_node(i), PLC_PART_ID) for i in range(n)]
+        if recipe:
+            paths.append((RECIPE,))
+        if acks:
+            paths += [(camera_node(i), ACK_SEQUENCE) for i in range(n)]
+
+        async def read(timeout_s: float) -> PlcInputs:
+            v = [int(x) for x in await self._read_vals(paths)]
+            at = 0
+            counts = ids = acked = None
+            rec = None
+            if triggers:
+                counts, ids, at = tuple(v[:n]), tuple(v[n:2 * n]), 2 * n
+            if recipe:
+                rec, at = v[at], at + 1
+            if acks:
+                acked = tuple(v[at:at + n])
+            return PlcInputs(time.monotonic_ns(), counts, ids, rec, acked)
+
+        return await self._read(read, deadline_ns)
+
+    async def read_sequences(self, deadline_ns: int) -> list[int] | None:
+        field = RING_HEAD if self.ring else "Sequence"
+        paths = [(camera_node(i), field) for i in range(self.camera_slots)]
+
+        async def read(timeout_s: float) -> list[int]:
+            return [int(x) for x in await self._read_vals(paths)]
+
+        return await self._read(read, deadline_ns)
+
+    async def read_ring(self, camera_index: int, deadline_ns: int) -> RingView | None:
+        if not self.ring:
+            raise ValueError("read_ring needs results.mode: ring")
         self._check_cam(camera_index)
-        paths = [(camera_node(camera_index), f) for f, _ in RECORD_FIELDS]
+        size = self.results.ring_size
+        paths: list[tuple[str, ...]] = [(camera_node(camera_index), RING_HEAD)]
+        for k in range(size):
+            paths += record_paths(camera_index, k)
+
+        async def read(timeout_s: float) -> RingView:
+            v = [int(x) for x in await self._read_vals(paths)]
+            w = len(RECORD_FIELDS)
+            recs = [_decoded(v[1 + k * w:1 + (k + 1) * w]) for k in range(size)]
+            return RingView(head=v[0], records=recs)
+
+        return await self._read(read, deadline_ns)
+
+    async def read_record(self, camera_index: int, deadline_ns: int) -> DecodedRecord | None:
+        """The newest record (ring mode: the slot RingHead points at). Tools only."""
+        self._check_cam(camera_index)
+        if self.ring:
+            view = await self.read_ring(camera_index, deadline_ns)
+            return None if view is None else (view.newest() or view.records[0])
+        paths = record_paths(camera_index)
 
         async def read(timeout_s: float) -> DecodedRecord:
-            v = [int(x) for x in await self._read_vals(paths)]
-            return DecodedRecord(part_id=v[0], verdict=v[1], defect_class=v[2],
-                                 score_permille=v[3], latency_ms=v[4], model_id=v[5],
-                                 reason=v[6], sequence=v[7])
+            return _decoded([int(x) for x in await self._read_vals(paths)])
 
         return await self._read(read, deadline_ns)
 
@@ -206,8 +305,8 @@ class OpcUaLink(ReconnectingLink):
 async def populate_server(server: Any, settings: OpcUaSettings, camera_slots: int) -> int:
     """Create the documented address space on an asyncua Server (before server.start()).
 
-    Returns the namespace index. Variables the daemon writes are writable; PlcPartId is what the
-    PLC program would set.
+    Returns the namespace index. Every variable is writable: the appliance writes the records,
+    heartbeat and alarms; the PLC program writes PlcPartId, TriggerCount, Recipe, AckSequence.
     """
     ns = int(await server.register_namespace(settings.namespace_uri))
     prefix = settings.node_prefix
@@ -220,10 +319,22 @@ async def populate_server(server: Any, settings: OpcUaSettings, camera_slots: in
 
     await var(root, ("Heartbeat",), ua.VariantType.UInt16)
     await var(root, ("Alarms",), ua.VariantType.UInt16)
+    await var(root, (RECIPE,), ua.VariantType.UInt16)
+    ring = settings.results.mode == "ring"
     for i in range(camera_slots):
         cam = camera_node(i)
         obj = await root.add_object(node_id(ns, prefix, cam), f"{ns}:{cam}")
-        for f, t in RECORD_FIELDS:
-            await var(obj, (cam, f), t)
+        if ring:
+            await var(obj, (cam, RING_HEAD), ua.VariantType.UInt32)
+            for k in range(settings.results.ring_size):
+                slot = await obj.add_object(node_id(ns, prefix, cam, ring_node(k)),
+                                            f"{ns}:{ring_node(k)}")
+                for f, t in RECORD_FIELDS:
+                    await var(slot, (cam, ring_node(k), f), t)
+        else:
+            for f, t in RECORD_FIELDS:
+                await var(obj, (cam, f), t)
         await var(obj, (cam, PLC_PART_ID), ua.VariantType.UInt32)
+        await var(obj, (cam, TRIGGER_COUNT), ua.VariantType.UInt16)
+        await var(obj, (cam, ACK_SEQUENCE), ua.VariantType.UInt32)
     return ns

@@ -41,6 +41,14 @@ class FailsafeReason(enum.IntEnum):
     """The real verdict's write failed; the fail-safe was written in the reserved time."""
     SHUTDOWN = 9
     """The daemon stopped before the frame could be inspected."""
+    TRIGGER_MISSED = 10
+    """The PLC's trigger counter jumped by more than one: a part the daemon never saw."""
+    NO_FRAME = 11
+    """A trigger was fired but the camera delivered no frame in time."""
+    RECIPE_UNKNOWN = 12
+    """The PLC selected a recipe number the line config does not define (never a guess)."""
+    BAD_FRAME = 13
+    """A frame refused as unusable (undecodable, oversized)."""
 
 
 class Alarm(enum.IntFlag):
@@ -50,6 +58,12 @@ class Alarm(enum.IntFlag):
     UPLINK_BACKLOG_HIGH = 1 << 3
     SPOOL_FAULT = 1 << 4
     PLC_RECOVERED = 1 << 5
+    RECIPE_UNKNOWN = 1 << 6
+    """The PLC selects a recipe number the line config does not define."""
+    RESULTS_UNACKNOWLEDGED = 1 << 7
+    """Acknowledged mode: the PLC is behind (or silent) in acknowledging records."""
+    DRIFT = 1 << 8
+    """The input data drifted away from what the model was validated on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +85,54 @@ class DecisionRecord:
     """Numeric model id from the package manifest (uint16)."""
     reason: int = 0
     """Fail-safe reason code (FailsafeReason), 0 for real verdicts."""
+    recipe: int = 0
+    """uint16 recipe (product type) number the part was judged under; 0 = none/default."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlcInputs:
+    """One snapshot of what the PLC writes for the appliance (see docs/plc-register-map.md).
+
+    Trigger counters, part ids (and the recipe, where the map keeps them together, as it does by
+    default) come from ONE read request: the PLC writes a part's id before it increments the
+    counter, so a snapshot that shows a new count also shows that part's id.
+    """
+
+    read_ns: int
+    """time.monotonic_ns() when the answer arrived."""
+    trigger_counts: tuple[int, ...] | None
+    """Per camera slot, uint16 (wraps 65535 -> 0); None when not requested."""
+    part_ids: tuple[int, ...] | None
+    """Per camera slot, uint32, same snapshot as trigger_counts."""
+    recipe: int | None
+    """uint16 recipe number selected by the PLC; None when not requested."""
+    acked_sequences: tuple[int, ...] | None
+    """Per slot, uint32: the last sequence the PLC consumed (0 = none); None when not requested."""
+
+
+U32_MASK = 0xFFFF_FFFF
+
+
+def next_sequence(held: int) -> int:
+    """The sequence after `held`: +1 in 1..2^32-1, skipping 0 (0 means "never written")."""
+    return (int(held) & U32_MASK) % U32_MASK + 1
+
+
+def unacked_count(last_written: int, acked: int) -> int:
+    """How many records after `acked` up to `last_written` the PLC has not acknowledged.
+
+    Both are uint32 sequences in 1..2^32-1 (0 = none). Wrap-aware: after 2^32-1 comes 1.
+    ``acked == 0`` (the PLC never acknowledged anything) counts every sequence up to
+    `last_written`. An ack "ahead" of `last_written` (e.g. a restarted daemon continuing from an
+    older number) counts as 0: nothing is known to be outstanding.
+    """
+    last, ack = int(last_written) & U32_MASK, int(acked) & U32_MASK
+    if last == 0:
+        return 0
+    if ack == 0:
+        return last
+    d = (last - ack) % U32_MASK
+    return 0 if d >= 1 << 31 else d
 
 
 class WriteOutcome(enum.Enum):
@@ -116,5 +178,23 @@ class PlcLink(Protocol):
     ) -> WriteResult: ...
 
     async def read_part_id(self, camera_index: int, deadline_ns: int) -> int | None: ...
+
+    async def read_inputs(
+        self,
+        deadline_ns: int,
+        *,
+        triggers: bool = True,
+        recipe: bool = False,
+        acks: bool = False,
+    ) -> PlcInputs | None:
+        """Trigger counters + part ids (+ recipe, + acks) of every slot; None on any failure."""
+
+    async def read_sequences(self, deadline_ns: int) -> list[int] | None:
+        """Per slot, the newest record sequence the PLC holds (0 = never written); None on
+        failure. A (re)started daemon continues from ``next_sequence(held)``."""
+
+    @property
+    def min_status_period_ms(self) -> float:
+        """The shortest heartbeat period this link can honour (the daemon floors heartbeat_ms)."""
 
     async def close(self) -> None: ...
