@@ -1,4 +1,7 @@
-"""Fixtures that start real PLC peers on 127.0.0.1 free ports and stop them by PID."""
+"""Fixtures that start real PLC peers on 127.0.0.1 free ports and stop them by PID.
+
+The peer classes live in tests/plc/plcpeers.py so other test packages can use them too.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +10,26 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from plc.config import ModbusSettings
 from plc.sim import ModbusPlcSimulator
-from tests.support import free_port, port_open, spawned, stop_pid, wait_until
+from tests.plc.plcpeers import (
+    NATIVE_SNAP7_PY,
+    PEERS,
+    ROOT,
+    OpcUaPeer,
+    Peer,
+    PyModbusTcpPeer,
+    S7Peer,
+)
+from tests.plc.plcpeers import s7_python as _s7_python
+from tests.support import free_port, port_open, spawned, wait_until
 
-PEERS = Path(__file__).parent / "peers"
-
-
-@dataclass
-class Peer:
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
+__all__ = ["NATIVE_SNAP7_PY", "ROOT", "OpcUaPeer", "Peer", "PyModbusTcpPeer", "S7Peer", "hang",
+           "s7_python"]
 
 
 @pytest.fixture
@@ -52,15 +59,8 @@ def sim_process(tmp_path: Path) -> Iterator[Peer]:
 def libmodbus_server_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("libmodbus") / "libmodbus_server"
     subprocess.run(
-        [
-            "gcc",
-            "-O1",
-            "-o",
-            str(out),
-            str(PEERS / "libmodbus_server.c"),
-            "-I/usr/include/modbus",
-            "-lmodbus",
-        ],
+        ["gcc", "-O1", "-o", str(out), str(PEERS / "libmodbus_server.c"),
+         "-I/usr/include/modbus", "-lmodbus"],
         check=True,
         capture_output=True,
     )
@@ -80,77 +80,17 @@ def libmodbus_server(libmodbus_server_bin: Path, tmp_path: Path) -> Iterator[Pee
 
 
 @pytest.fixture
-def pymodbustcp_server(tmp_path: Path) -> Iterator[Peer]:
-    port = free_port()
-    cmd = [sys.executable, str(PEERS / "pymodbustcp_server.py"), str(port)]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: port_open(port), 20, "pyModbusTCP server")
-        yield Peer(port, proc)
-    finally:
-        stop_pid(proc)
-
-
-
-
-ROOT = Path(__file__).resolve().parents[2]
-NATIVE_SNAP7_PY = ROOT / ".venv-snap7-native" / "bin" / "python"
-
-
-class S7Peer:
-    """An S7 server process with a side channel to its memory (stdin/stdout), stopped by PID."""
-
-    def __init__(self, python: str, port: int, db_number: int = 100, size: int = 1024) -> None:
-        self.port, self.db_number, self.python = port, db_number, python
-        self.proc: subprocess.Popen[str] = subprocess.Popen(
-            [python, str(PEERS / "s7_server.py"), str(port), str(db_number), str(size)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        self.banner = self.proc.stdout.readline().strip()
-        if not self.banner.startswith("READY"):
-            stop_pid(self.proc)  # type: ignore[arg-type]
-            raise RuntimeError(f"S7 server did not start ({python}): {self.banner!r}")
-
-    def _ask(self, line: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def dump(self, offset: int, size: int) -> bytes:
-        return bytes.fromhex(self._ask(f"dump {offset} {size}"))
-
-    def put(self, offset: int, data: bytes) -> None:
-        assert self._ask(f"set {offset} {data.hex()}") == "OK"
-
-    def stop(self) -> None:
-        stop_pid(self.proc)  # type: ignore[arg-type]
-
-    def kill(self) -> None:
-        """Power cut: SIGKILL, nothing flushed or closed politely."""
-        self.proc.kill()
-        self.proc.wait(10)
+def pymodbustcp_server() -> Iterator[PyModbusTcpPeer]:
+    """pyModbusTCP's server: an independent Modbus implementation playing the PLC."""
+    with PyModbusTcpPeer.running() as peer:
+        yield peer
 
 
 def s7_python(kind: str) -> str:
-    if kind == "python":
-        return sys.executable
-    if not NATIVE_SNAP7_PY.exists():
-        pytest.fail(
-            f"native Snap7 peer missing ({NATIVE_SNAP7_PY}): run scripts/install_snap7_native.sh"
-        )
-    return str(NATIVE_SNAP7_PY)
+    try:
+        return _s7_python(kind)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(params=["python", "native"])
@@ -160,50 +100,9 @@ def s7_server(request: pytest.FixtureRequest) -> Iterator[S7Peer]:
     A fresh port every time: the 3.x server sets SO_REUSEPORT, so a stale server on a reused port
     would silently share it.
     """
-    peer = S7Peer(s7_python(request.param), free_port())
+    peer = S7Peer(s7_python(request.param), free_port(), size=2048)
     yield peer
     peer.stop()
-
-
-class OpcUaPeer:
-    """asyncua server process with the documented address space and a stdin side channel."""
-
-    def __init__(self, port: int, slots: int = 4) -> None:
-        self.port = port
-        self.endpoint = f"opc.tcp://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[str] = subprocess.Popen(
-            [sys.executable, str(PEERS / "opcua_server.py"), str(port), str(slots)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if not line.startswith("READY"):
-            stop_pid(self.proc)  # type: ignore[arg-type]
-            raise RuntimeError(f"OPC UA server did not start: {line!r}")
-
-    def _ask(self, line: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
-
-    def get(self, node: str) -> int:
-        return int(self._ask(f"get Inspection.{node}"))
-
-    def set(self, node: str, value: int) -> None:
-        assert self._ask(f"set Inspection.{node} {value}") == "OK"
-
-    def stop(self) -> None:
-        stop_pid(self.proc)  # type: ignore[arg-type]
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from pydantic import TypeAdapter, ValidationError
 from plc import layout
 from plc.config import ModbusSettings, OpcUaSettings, PlcSettings, S7Settings
 from plc.modbus import ModbusMap
-from plc.record import DecisionRecord, Verdict
+from plc.record import DecisionRecord, Verdict, next_sequence, unacked_count
+from plc.s7 import S7Map
 
 REC = DecisionRecord(
     camera_index=0,
@@ -23,6 +24,7 @@ REC = DecisionRecord(
     latency_ms=42,
     model_id=7,
     reason=0,
+    recipe=9,
 )
 
 
@@ -36,8 +38,12 @@ def test_record_bytes_match_the_documented_table() -> None:
         "002a"
         "0007"
         "0000"  # verdict class score latency model reason
+        "0009"  # recipe
+        "0000"  # reserved
         "01020304"  # sequence, last
     )
+    assert len(b) == layout.RECORD_BYTES == 24
+    assert layout.decode_record_bytes(b).recipe == 9
 
 
 @pytest.mark.parametrize(
@@ -55,7 +61,7 @@ def test_word_and_byte_order(
     words = layout.record_words(REC, word_order=word_order, byte_order=byte_order)  # type: ignore[arg-type]
     assert len(words) == layout.RECORD_WORDS
     assert words[0:2] == first_words
-    assert words[8:10] == seq_words
+    assert words[10:12] == seq_words
     verdict = words[2]
     assert verdict == (0x0200 if byte_order == "little" else 0x0002)
     back = layout.decode_record_words(words, word_order=word_order, byte_order=byte_order)  # type: ignore[arg-type]
@@ -96,7 +102,24 @@ def test_settings_union_picks_backend_by_type() -> None:
     [
         ({"type": "modbus", "prot": 502}, "Extra inputs are not permitted"),
         ({"type": "modbus", "port": 0}, "port 0 is only allowed with simulator"),
-        ({"type": "modbus", "record_stride": 4}, "greater than or equal to 10"),
+        ({"type": "modbus", "record_stride": 4}, "greater than or equal to 12"),
+        ({"type": "s7", "record_stride": 20}, "greater than or equal to 24"),
+        (
+            {"type": "modbus", "results": {"mode": "ring"}, "record_stride": 50},
+            "record_stride 50 is too small for results.mode ring with ring_size 8: each camera's "
+            "ring takes 98 registers",
+        ),
+        (
+            {"type": "s7", "results": {"mode": "ring", "ring_size": 4}, "record_stride": 64},
+            "takes 100 bytes",
+        ),
+        ({"type": "modbus", "results": {"mode": "fifo"}}, "'slot' or 'ring'"),
+        ({"type": "modbus", "results": {"ring_size": 1}}, "greater than or equal to 2"),
+        ({"type": "modbus", "sim_program": {}}, "sim_program needs simulator: true"),
+        (
+            {"type": "modbus", "simulator": True, "port": 0, "sim_program": {"recipes": [70000]}},
+            "less than or equal to 65535",
+        ),
         ({"type": "modbus", "word_order": "middle"}, "'big' or 'little'"),
         (
             {"type": "modbus", "reconnect_backoff_min_ms": 900, "reconnect_backoff_max_ms": 100},
@@ -112,9 +135,9 @@ def test_bad_settings_are_named(data: dict[str, object], message: str) -> None:
 
 
 def test_map_rejects_overlap_and_overflow_for_the_camera_count() -> None:
-    s = ModbusSettings(record_base=90, record_stride=10)
+    s = ModbusSettings(record_base=90, record_stride=12)
     with pytest.raises(ValueError, match="overlap: decision records"):
-        ModbusMap(s, camera_slots=2)  # 90..109 covers heartbeat 100
+        ModbusMap(s, camera_slots=2)  # 90..113 covers heartbeat 100
     with pytest.raises(ValueError, match="beyond 65535"):
         ModbusMap(ModbusSettings(record_base=65530), camera_slots=1)
     m = ModbusMap(ModbusSettings(), camera_slots=4)
@@ -126,10 +149,10 @@ def test_map_rejects_overlap_and_overflow_for_the_camera_count() -> None:
 def test_the_register_map_page_example_is_what_the_code_writes() -> None:
     """docs/plc-register-map.md is what PLC programmers implement: its worked example must hold."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "plc-register-map.md").read_text()
-    m = re.search(r"`((?:[0-9A-F]{4} ){9}[0-9A-F]{4})`", doc)
+    m = re.search(r"`((?:[0-9A-F]{4} ){11}[0-9A-F]{4})`", doc)
     assert m, "worked Modbus example missing from docs/plc-register-map.md"
     example = [int(w, 16) for w in m.group(1).split()]
-    rec = DecisionRecord(2, 0x00012345, 0xA1B2C3D4, Verdict.DEFECT, 3, 875, 42, 7, 0)
+    rec = DecisionRecord(2, 0x00012345, 0xA1B2C3D4, Verdict.DEFECT, 3, 875, 42, 7, 0, recipe=2)
     assert layout.record_words(rec) == example
     for order in ("big", "little"):
         for border in ("big", "little"):
@@ -137,3 +160,91 @@ def test_the_register_map_page_example_is_what_the_code_writes() -> None:
             line = next(x for x in doc.splitlines() if x.startswith(row))
             regs = [int(v, 16) for v in re.findall(r"0x([0-9A-F]{4})", line)]
             assert layout.u32_words(0xA1B2C3D4, word_order=order, byte_order=border) == regs
+
+
+def test_next_sequence_skips_zero_on_wrap() -> None:
+    assert next_sequence(0) == 1  # nothing held: start at 1
+    assert next_sequence(5000) == 5001
+    assert next_sequence(0xFFFF_FFFE) == 0xFFFF_FFFF
+    assert next_sequence(0xFFFF_FFFF) == 1  # 0 means "never written": skipped
+
+
+@pytest.mark.parametrize(
+    ("last", "acked", "expected"),
+    [
+        (0, 0, 0),  # nothing written
+        (7, 0, 7),  # never acknowledged: everything outstanding
+        (7, 7, 0),
+        (7, 4, 3),
+        (2, 0xFFFF_FFFE, 3),  # across the wrap: 0xFFFFFFFF, 1, 2 (0 is skipped)
+        (1, 0xFFFF_FFFF, 1),
+        (4, 7, 0),  # an ack "ahead" (daemon restarted from an older number): nothing known due
+    ],
+)
+def test_unacked_count_is_wrap_aware(last: int, acked: int, expected: int) -> None:
+    assert unacked_count(last, acked) == expected
+
+
+def test_ring_slot_follows_the_sequence_and_the_wrap() -> None:
+    assert [layout.ring_slot(s, 8) for s in range(1, 11)] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    # after 2^32-1 comes 1: the PLC computes (s - 1) MOD N with the same formula
+    assert layout.ring_slot(0xFFFF_FFFF, 8) == 6 and layout.ring_slot(1, 8) == 0
+
+
+def test_default_maps_fit_and_inputs_are_one_read() -> None:
+    """Defaults: part ids, trigger counters and the recipe in one Modbus read (<= 125 regs) /
+    one S7 GET (<= 200 bytes), for the documented camera counts."""
+    m = ModbusMap(ModbusSettings(), camera_slots=8)
+    spans = [(m.part_id_address(i), m.part_id_address(i) + 2) for i in range(8)]
+    spans += [(m.trigger_address(i), m.trigger_address(i) + 1) for i in range(8)]
+    spans.append((m.recipe_address, m.recipe_address + 1))
+    assert layout.plan_reads(spans, 125) == [(200, 108)]
+    assert (m.trigger_address(3), m.recipe_address, m.ack_address(3)) == (303, 299, 406)
+    s = S7Map(S7Settings(), camera_slots=16)
+    spans = [(s.part_id_offset(i), s.part_id_offset(i) + 4) for i in range(16)]
+    spans += [(s.trigger_offset(i), s.trigger_offset(i) + 2) for i in range(16)]
+    spans.append((616, 618))
+    assert layout.plan_reads(spans, 200) == [(520, 98)]
+    assert s.size == 620 + 16 * 4
+
+
+def test_ring_mode_defaults_place_the_rings_without_overlap() -> None:
+    m = ModbusMap(ModbusSettings(results={"mode": "ring"}), camera_slots=4)  # type: ignore[arg-type]
+    assert m.s.record_stride == 112  # 2 + 8 x 12 = 98, rounded up to 16
+    assert [m.record_address(i) for i in range(2)] == [1000, 1112]
+    assert m.ring_slot_address(1, 3) == 1112 + 2 + 36
+    assert m.record_write_address(1, 12) == 1112 + 2 + 3 * 12  # (12 - 1) mod 8 = 3
+    assert m.sequence_address(1) == 1112  # the head
+    s = S7Map(S7Settings(results={"mode": "ring"}), camera_slots=4)  # type: ignore[arg-type]
+    assert (s.s.record_offset, s.s.record_stride) == (1024, 224)  # 4 + 8 x 24 = 196 -> 224
+    assert s.ring_slot_offset(0, 7) == 1024 + 4 + 7 * 24
+    assert s.size == 1024 + 3 * 224 + 196
+
+
+@pytest.mark.parametrize(
+    ("kw", "slots", "message"),
+    [
+        ({"trigger_base": 201}, 1, r"part ids \(part_id_base, part_id_stride\) \[200..201\] and "
+                                   r"trigger counters \(trigger_base, trigger_stride\)"),
+        ({"recipe_register": 1003}, 1, r"decision records \(record_base, record_stride\) "
+                                       r"\[1000..1011\] and recipe_register"),
+        ({"ack_base": 101}, 1, r"alarm_register \[101..101\] and acks \(ack_base, ack_stride\)"),
+        ({"trigger_base": 65534}, 4, r"plc.trigger counters \(trigger_base, trigger_stride\) "
+                                     r"ends at register 65537, beyond 65535"),
+        ({"record_base": 65000, "results": {"mode": "ring"}}, 6, r"result rings .* beyond 65535"),
+        ({}, 50, r"part ids .* \[298..299\] and recipe_register"),  # 50 cameras reach 299
+    ],
+)
+def test_modbus_map_errors_name_the_keys(kw: dict[str, object], slots: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModbusMap(ModbusSettings(**kw), camera_slots=slots)  # type: ignore[arg-type]
+
+
+def test_s7_map_errors_name_the_keys() -> None:
+    with pytest.raises(ValueError, match=r"DB100 map overlap: part ids .* and trigger counters"):
+        S7Map(S7Settings(trigger_offset=542), camera_slots=8)
+    with pytest.raises(ValueError, match=r"acks \(ack_offset, ack_stride\) ends at byte 65539, "
+                                         r"beyond 65535"):
+        S7Map(S7Settings(ack_offset=65532), camera_slots=2)
+    with pytest.raises(ValidationError, match="less than or equal to 65535"):
+        S7Settings(recipe_offset=70000)

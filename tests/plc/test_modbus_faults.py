@@ -191,7 +191,7 @@ async def test_hung_server_each_write_gives_up_in_budget_and_loop_stays_free(
         with contextlib.suppress(ProcessLookupError):
             os.kill(sim_process.proc.pid, signal.SIGCONT)
         await link.close()
-    assert mbpoll_read(sim_process.port, 1008, 2) == [0, seq]
+    assert mbpoll_read(sim_process.port, 1010, 2) == [0, seq]
 
 
 async def test_unknown_write_is_confirmed_by_read_back(sim: ModbusPlcSimulator) -> None:
@@ -273,3 +273,48 @@ async def test_outage_is_logged_once_and_recovery_once() -> None:
     assert events.count("plc_unavailable") == 1, events
     assert events.count("plc_back") == 1, events
     assert events.index("plc_unavailable") < events.index("plc_back")
+
+
+async def test_hung_plc_is_not_reported_up_and_the_unknown_write_settles_by_itself(
+    sim_process: Peer,
+) -> None:
+    """A SIGSTOPped server's kernel still accepts connects: the link must not call that "up"
+    (writes would burn their budgets); once the server resumes, the link settles the
+    outcome-unknown write with its own read-back budget, without waiting for a next write."""
+    assert sim_process.proc is not None
+    link = ModbusLink(ModbusSettings(port=sim_process.port), 1)
+    await link.start()
+    assert await link.wait_connected(5)
+    try:
+        ok = await link.write_decision(rec(1), time.monotonic_ns() + 200 * MS)
+        assert ok.outcome is WriteOutcome.ACKED
+        hang(sim_process.proc.pid)
+        r = await link.write_decision(rec(2), time.monotonic_ns() + 20 * MS)
+        assert r.outcome is WriteOutcome.UNKNOWN
+        await asyncio.to_thread(
+            wait_until, lambda: link.stats.probes_failed >= 2, 5, "reconnects to the hung PLC"
+        )
+        for seq in range(3, 6):
+            r = await link.write_decision(rec(seq), time.monotonic_ns() + 20 * MS)
+            assert r.outcome is WriteOutcome.FAILED and "not connected" in r.detail, r
+        assert not link.connected and link.health().unconfirmed_writes == 1
+        os.kill(sim_process.proc.pid, signal.SIGCONT)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: link.connected and link.health().unconfirmed_writes == 0,
+            5,
+            "the link to settle the unknown write on its own",
+        )
+        st = link.stats
+        assert st.confirmed_applied + st.confirmed_not_applied == 1
+        assert link.stats.acked == 1  # no write was needed to get there
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sim_process.proc.pid, signal.SIGCONT)
+        await link.close()
+
+
+def test_min_status_period_is_what_the_link_can_honour() -> None:
+    assert ModbusLink(ModbusSettings(), 1).min_status_period_ms == 50.0  # readback budget
+    fast = ModbusLink(ModbusSettings(readback_timeout_ms=5), 1)
+    assert fast.min_status_period_ms == 20.0  # never below the floor

@@ -39,9 +39,11 @@ REC = DecisionRecord(
     latency_ms=42,
     model_id=7,
     reason=0,
+    recipe=0x0102,
 )
-# docs/plc-register-map.md, big word order, big byte order, camera 2 at 1000 + 2*16 = 1032
-REC_WORDS = [0xA1B2, 0xC3D4, 0x0002, 0x0003, 0x036B, 0x002A, 0x0007, 0x0000, 0x0001, 0x2345]
+# docs/plc-register-map.md (record v2), big word order, big byte order, camera 2 at 1000 + 2*16
+REC_WORDS = [0xA1B2, 0xC3D4, 0x0002, 0x0003, 0x036B, 0x002A, 0x0007, 0x0000, 0x0102, 0x0000,
+             0x0001, 0x2345]
 
 
 async def started(settings: ModbusSettings, slots: int = 4) -> ModbusLink:
@@ -74,9 +76,9 @@ async def test_record_matches_the_documented_map_byte_for_byte(
         assert s.outcome is WriteOutcome.ACKED, s
     finally:
         await link.close()
-    assert mbpoll_read(peer.port, 1032, 10) == REC_WORDS
+    assert mbpoll_read(peer.port, 1032, 12) == REC_WORDS
     assert mbpoll_read(peer.port, 100, 2) == [0xBEEF, 0x0005]
-    assert mbpoll_read(peer.port, 1000, 10) == [0] * 10  # other cameras untouched
+    assert mbpoll_read(peer.port, 1000, 12) == [0] * 12  # other cameras untouched
 
 
 async def test_little_word_and_byte_order_reach_the_wire(libmodbus_server: Peer) -> None:
@@ -87,7 +89,7 @@ async def test_little_word_and_byte_order_reach_the_wire(libmodbus_server: Peer)
         assert (await link.write_decision(REC, deadline(200))).outcome is WriteOutcome.ACKED
     finally:
         await link.close()
-    assert mbpoll_read(libmodbus_server.port, 1032, 10) == [
+    assert mbpoll_read(libmodbus_server.port, 1032, 12) == [
         0xD4C3,
         0xB2A1,
         0x0200,
@@ -95,6 +97,8 @@ async def test_little_word_and_byte_order_reach_the_wire(libmodbus_server: Peer)
         0x6B03,
         0x2A00,
         0x0700,
+        0x0000,
+        0x0201,
         0x0000,
         0x4523,
         0x0100,
@@ -156,8 +160,8 @@ async def test_late_requests_are_not_sent(sim: ModbusPlcSimulator, sim_link: Mod
 
 
 async def test_exception_response_is_a_definite_failure(libmodbus_server: Peer) -> None:
-    # libmodbus holds 8192 registers: camera 0's record at 8190 runs off the end
-    link = await started(ModbusSettings(port=libmodbus_server.port, record_base=8188))
+    # libmodbus holds 8192 registers: camera 0's record at 8186 runs off the end
+    link = await started(ModbusSettings(port=libmodbus_server.port, record_base=8186))
     try:
         ok = await link.write_decision(
             REC.__class__(0, 1, 1, Verdict.OK, 0, 1, 1, 1), deadline(200)

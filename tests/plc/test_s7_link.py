@@ -29,9 +29,12 @@ REC = DecisionRecord(
     latency_ms=349,
     model_id=7,
     reason=4,
+    recipe=0x0203,
 )
-# docs/plc-register-map.md "S7 DB": camera 1 at DBB32 (stride 32)
-REC_BYTES = bytes.fromhex("a1b2c3d4000300000000015d0007000400012345")
+# docs/plc-register-map.md "S7 DB" (record v2): camera 1 at DBB32 (stride 32)
+REC_BYTES = bytes.fromhex(
+    "a1b2c3d4" "0003" "0000" "0000" "015d" "0007" "0004" "0203" "0000" "00012345"
+)
 
 
 def dl(ms: float) -> int:
@@ -57,13 +60,13 @@ async def test_record_and_status_match_the_documented_db_layout(s7_server: S7Pee
         assert back is not None and back.sequence == 0x12345 and back.latency_ms == 349
     finally:
         await link.close()
-    assert s7_server.dump(32, 20) == REC_BYTES
+    assert s7_server.dump(32, 24) == REC_BYTES
     assert s7_server.dump(0, 32) == bytes(32)  # camera 0 untouched
     assert s7_server.dump(512, 4) == bytes.fromhex("12340006")
 
 
 async def test_write_outside_the_db_is_refused_not_unknown(s7_server: S7Peer) -> None:
-    link = await started(s7_server.port, record_offset=1010)  # DB has 1024 bytes
+    link = await started(s7_server.port, record_offset=2030)  # DB has 2048 bytes
     try:
         r = await link.write_decision(DecisionRecord(0, 1, 1, Verdict.OK, 0, 1, 1, 1), dl(200))
         assert r.outcome is WriteOutcome.FAILED, r
@@ -102,7 +105,7 @@ async def test_s7_server_restart_and_hang(kind: str) -> None:
             await asyncio.sleep(0.005)
         assert link.stats.confirmed_not_applied == 1  # the hung write never landed
         await link.close()
-        assert int.from_bytes(peer.dump(32 + 16, 4), "big") == seq
+        assert int.from_bytes(peer.dump(32 + 20, 4), "big") == seq
     finally:
         await link.close()
         peer.stop()

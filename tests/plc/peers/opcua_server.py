@@ -1,11 +1,13 @@
 """An asyncua OPC UA server holding the documented address space (plc.opcua.populate_server).
 
-usage: opcua_server.py PORT [CAMERA_SLOTS] ; prints READY; runs until SIGTERM.
+usage: opcua_server.py PORT [CAMERA_SLOTS] [SETTINGS_JSON] ; prints READY; runs until SIGTERM.
+SETTINGS_JSON: extra OpcUaSettings fields shaping the address space (e.g. ring mode).
 Stdin lines "get NODEID" print the value held by the server (read in-process, no OPC UA client);
 "set NODEID VALUE" sets it as the PLC program would.
 """
 
 import asyncio
+import json
 import signal
 import sys
 
@@ -18,7 +20,8 @@ from plc.opcua import node_id, populate_server
 async def main() -> None:
     port = int(sys.argv[1])
     slots = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    settings = OpcUaSettings(endpoint=f"opc.tcp://127.0.0.1:{port}")
+    extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    settings = OpcUaSettings(endpoint=f"opc.tcp://127.0.0.1:{port}", **extra)
     server = Server()
     await server.init()
     server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/")

@@ -29,7 +29,7 @@ if native:
         return bytes(mem[off : off + n])
 
     def put(off: int, data: bytes) -> None:
-        mem[off : off + len(data)] = list(data)
+        ctypes.memmove(ctypes.addressof(mem) + off, data, len(data))  # one copy, like a PLC
 else:
     db = bytearray(size)
     server.register_area(SrvArea.DB, db_number, db)
