@@ -68,8 +68,7 @@ def evict_chunk(store: Store, cls: str, need: int) -> int:
         if name:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(store.images_dir / name)
-            store.image_bytes -= int(size or 0)
-    store.image_bytes = max(store.image_bytes, 0)
+            store.add_image_bytes(-int(size or 0))
     return len(ids)
 
 

@@ -106,6 +106,8 @@ class Spool:
         self._images = self._new_pipeline()
         self._lock = threading.Lock()
         self._refused_closed = 0
+        self._lost_unlogged = 0
+        self._lost_logged_at = -1e9
         self._opened = False
         self._closing = False
         self._broken = False
@@ -363,9 +365,16 @@ class Spool:
                     self.store.dead_letter(conn, rid, reason)
 
     def mark_image_lost(self, image_id: int, reason: str) -> None:
-        """The file vanished (evicted meanwhile or removed by hand): stop retrying it."""
+        """The file vanished (evicted meanwhile or removed by hand): stop retrying it. Logged at
+        most once a minute with the count: under quota pressure this happens per image."""
         self.store.mark_image_lost(image_id)
-        log.warning("uplink_image_lost", id=image_id, reason=reason)
+        with self._lock:
+            self._lost_unlogged += 1
+            now = time.monotonic()
+            if now - self._lost_logged_at < 60.0:
+                return
+            count, self._lost_unlogged, self._lost_logged_at = self._lost_unlogged, 0, now
+        log.warning("uplink_images_lost", count=count, last_id=image_id, last_reason=reason)
 
     # ------------------------------------------------------------------ observability
     def bytes_used(self, conn: sqlite3.Connection | None = None) -> int:

@@ -201,9 +201,15 @@ class Store:
         self.rconn: sqlite3.Connection | None = None
         self.rlock = threading.RLock()
         self.image_bytes = 0
+        """Guarded by `_bytes_lock`: the writer and the forwarder threads both adjust it."""
+        self._bytes_lock = threading.Lock()
         self.migrated_from: int | None = None
         self.busy_timeout_s = 10.0
         self.images_guard = DirGuard()
+
+    def add_image_bytes(self, delta: int) -> None:
+        with self._bytes_lock:
+            self.image_bytes = max(self.image_bytes + delta, 0)
 
     # ------------------------------------------------------------------ connections
     def connect(self) -> sqlite3.Connection:
@@ -346,7 +352,7 @@ class Store:
                     size = path.stat().st_size
                     conn.execute("UPDATE events SET image_state = 'pending', image_bytes = ? "
                                  "WHERE id = ?", (size, rid))
-                    self.image_bytes += size
+                    self.add_image_bytes(size)
                     attached += 1
                 else:
                     conn.execute("UPDATE events SET image_state = 'lost', image_file = NULL "
@@ -410,7 +416,7 @@ class Store:
             dest.mkdir(exist_ok=True)
             with contextlib.suppress(OSError):
                 os.replace(self.images_dir / name, dest / name)
-            self.image_bytes -= int(size or 0)
+            self.add_image_bytes(-int(size or 0))
         conn.execute(
             "INSERT INTO dead_letter (event_rowid, event_id, line, camera, payload, image_file, "
             "image_key, reason, dead_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -502,7 +508,7 @@ class Store:
             conn.execute("UPDATE events SET image_state = 'lost', image_bytes = 0 WHERE id = ? "
                          "AND image_state = 'pending'", (image_id,))
         if row is not None:
-            self.image_bytes -= int(row[0] or 0)
+            self.add_image_bytes(-int(row[0] or 0))
 
     # ------------------------------------------------------------------ observability
     def backlog(self) -> dict[str, Any]:

@@ -385,7 +385,7 @@ class Writer:
 
     def _account_note(self, note: ImageNote) -> None:
         if note.error is None:
-            self.store.image_bytes += note.size
+            self.store.add_image_bytes(note.size)
         else:
             self.counts.images_lost += 1
             self.errors.report(f"image of event {note.event_id} not stored: {note.error}")
@@ -537,7 +537,7 @@ class Writer:
                     if name and state == "sent":
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(self.store.images_dir / name)
-                        self.store.image_bytes -= int(size or 0)
+                        self.store.add_image_bytes(-int(size or 0))
                 conn.execute("PRAGMA incremental_vacuum").fetchall()
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._report_eviction(quota.enforce(self.store, self.settings.quota_bytes,

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
 from uplink.config import UplinkSettings
@@ -111,3 +112,19 @@ def test_s3_credentials_from_ini_file(tmp_path: Path) -> None:
 def test_bad_config_is_rejected_with_its_key(doc: dict[str, object], where: str) -> None:
     with pytest.raises(ValidationError, match=where):
         UplinkSettings.model_validate(doc)
+
+
+def test_librdkafka_log_lines_go_to_the_uplink_kafka_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tests.support import free_port
+
+    cfg = UplinkSettings.model_validate(
+        {"kafka": {"bootstrap_servers": [f"127.0.0.1:{free_port()}"]}})  # nothing listens
+    assert cfg.kafka is not None
+    sink = KafkaSink(cfg.kafka)
+    with caplog.at_level("DEBUG", logger="uplink.kafka"), pytest.raises(KafkaException):
+        sink.probe(1.0)
+    sink.close(0.5)  # serves the queued log lines
+    lines = [r for r in caplog.records if r.name == "uplink.kafka"]
+    assert lines and any("Connection refused" in r.getMessage() for r in lines)
