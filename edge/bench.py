@@ -88,7 +88,15 @@ def load_sample_images(folder: Path, limit: int = 64) -> list[np.ndarray]:
     return [im for im in images if im is not None]
 
 
-def write_cdf_png(path: Path, series: dict[str, list[float]], budget_ms: float) -> None:
+def _sample_cdf(samples: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    v = np.sort(np.asarray(samples, dtype=np.float64))
+    return v, np.arange(1, v.size + 1) / max(v.size, 1)
+
+
+def write_cdf_png(
+    path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], budget_ms: float
+) -> None:
+    """One CDF curve per series, each given as (latency ms ascending, fraction <= it)."""
     try:
         import matplotlib
 
@@ -98,11 +106,10 @@ def write_cdf_png(path: Path, series: dict[str, list[float]], budget_ms: float) 
         typer.echo("matplotlib not installed (pip install 'edge-inspect[bench]'): no PNG", err=True)
         return
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for label, values in series.items():
-        if not values:
+    for label, (x, frac) in series.items():
+        if not len(x):
             continue
-        v = np.sort(np.asarray(values))
-        ax.plot(v, np.arange(1, v.size + 1) / v.size, label=f"{label} (n={v.size})")
+        ax.step(x, frac, where="post", label=label)
     ax.axvline(budget_ms, color="red", linestyle="--", label=f"budget {budget_ms:g} ms")
     ax.set_xscale("log")
     ax.set_xlabel("latency, ms (log)")
@@ -184,9 +191,9 @@ def bench_command(
     write_cdf_png(
         out / "bench-cdf.png",
         {
-            "end-to-end (capture->PLC ack)": list(daemon.stats.e2e_ms),
-            "infer stage in daemon": list(daemon.stats.stages_ms.get("infer", [])),
-            "bare session.run": bare["samples"],
+            "end-to-end (capture->PLC ack)": daemon.stats.e2e_ms.cdf(),
+            "infer stage in daemon": daemon.stats.stages_ms["infer"].cdf(),
+            "bare session.run": _sample_cdf(bare["samples"]),
         },
         cfg.pipeline.budget_ms,
     )

@@ -8,6 +8,7 @@ config and its assets can be moved together.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,12 +44,15 @@ class LoggingSettings(BaseModel):
 
 class StatusSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    heartbeat_ms: float = Field(default=200.0, ge=10, le=10_000)
-    """Period of the heartbeat word; the PLC's watchdog should allow a few periods."""
+    heartbeat_ms: float = Field(default=200.0, ge=50, le=10_000)
+    """Period of the heartbeat word; the PLC's watchdog should allow a few periods. Below 50 ms a
+    status write cannot be honoured beside the records, so it is refused here."""
     failsafe_alarm_hold_s: float = Field(default=5.0, ge=0)
     """FAILSAFE_ACTIVE stays set this long after the last fail-safe, so the PLC can see it."""
     plc_startup_wait_s: float = Field(default=5.0, ge=0, le=300)
     """At start, wait this long for the PLC connection before the cameras start."""
+    no_verdict_alarm_s: float = Field(default=5.0, gt=0, le=3600)
+    """Frames arriving but no real verdict for this long: MODEL_DOWN alarm and /healthz 503."""
 
 
 class LineConfig(BaseModel):
@@ -100,18 +104,60 @@ def _yaml() -> YAML:
     return y
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A line config is a few KB; a file this big is a mistake (and would block a reload)."""
+MAX_NESTING = 32
+"""Deeper than any real config; deeper YAML is refused before it can exhaust the stack."""
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML's top-level mapping, or ConfigError for ANY way the file can be unusable.
+
+    Every failure is a ConfigError (never UnicodeDecodeError, RecursionError, MemoryError...), so
+    `edge run` exits 2 and a SIGHUP reload is refused with the old config kept.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(path, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            path, [f"file is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a line config"]
+        )
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise ConfigError(path, ["not a UTF-8 text file (UTF-16 or binary?): save it as UTF-8"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            path,
+            [f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+             "save the file as UTF-8"],
+        ) from None
     try:
         data = _yaml().load(text)
     except YAMLError as exc:
         raise ConfigError(path, [f"YAML syntax: {exc}".replace("\n", " ")]) from exc
+    except RecursionError:
+        raise ConfigError(path, [f"YAML nested deeper than {MAX_NESTING} levels"]) from None
+    except Exception as exc:  # the parser's own bugs must not take a running line down
+        raise ConfigError(path, [f"YAML could not be parsed: {type(exc).__name__}: {exc}"]) from exc
     if not isinstance(data, dict):
         raise ConfigError(path, ["top level must be a mapping (line:, cameras:, model:, ...)"])
+    if _depth(data) > MAX_NESTING:
+        raise ConfigError(path, [f"YAML nested deeper than {MAX_NESTING} levels"])
     return data
+
+
+def _depth(node: Any, level: int = 0) -> int:
+    if level > MAX_NESTING:
+        return level
+    if isinstance(node, dict):
+        return max((_depth(v, level + 1) for v in node.values()), default=level + 1)
+    if isinstance(node, list):
+        return max((_depth(v, level + 1) for v in node), default=level + 1)
+    return level
 
 
 def format_errors(exc: ValidationError, data: Any = None) -> list[str]:
@@ -143,14 +189,31 @@ def _key_path(loc: tuple[int | str, ...], data: Any) -> str:
     return out or "(top level)"
 
 
-def load_config(path: Path) -> LineConfig:
+def load_config(path: Path, *, deep: bool = True) -> LineConfig:
+    """Parse and validate a line YAML; ConfigError lists every problem with its key path.
+
+    Validation is strict (JSON semantics): `budget_ms: true` or `port: "502"` are type errors,
+    not 1 ms and 502. ``deep`` also checks what the schema alone cannot (the model package and
+    its classes, files, the PLC map for the camera count, secrets): everything `edge run` would
+    otherwise only discover at start-up.
+    """
     path = Path(path)
     data = read_yaml(path)
     try:
-        cfg = LineConfig.model_validate(data)
+        text = json.dumps(data, default=str)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(path, [f"YAML holds values a line config cannot: {exc}"]) from None
+    try:
+        cfg = LineConfig.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise ConfigError(path, format_errors(exc, data)) from None
     resolve_paths(cfg, path.resolve().parent)
+    if deep:
+        from edge.configcheck import deep_check
+
+        problems = deep_check(cfg)
+        if problems:
+            raise ConfigError(path, problems)
     return cfg
 
 

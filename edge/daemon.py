@@ -4,7 +4,9 @@ Start order: PLC first (so every later fault can be signalled), then model, spoo
 cameras last (no frame arrives before something can decide it). Stop order is the reverse: cameras
 stop, in-flight frames drain to the PLC, then the spool is flushed.
 Nothing a component does at run time may take the process down: faults become health states, PLC
-alarm bits and fail-safe verdicts. Only a broken config at start-up stops the daemon.
+alarm bits and fail-safe verdicts. Only a broken config at start-up stops the daemon (exit 2).
+Every long-lived task runs under the supervisor (edge/supervisor.py); /healthz and the systemd
+watchdog tell the truth about them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import enum
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +29,18 @@ from camera.worker import CameraWorker
 from edge.config import ConfigError, LineConfig, load_config
 from edge.decision import DecisionRules, DecisionSettings
 from edge.http import ObservabilityServer
-from edge.inference import BatchRunner, ProcessRunner, ThreadRunner
+from edge.inference import ProcessWorker, ThreadWorker, Worker
 from edge.logs import configure_logging
-from edge.metrics import Metrics
-from edge.pipeline import ModelHolder, Pipeline
+from edge.metrics import Metrics, Sample, SnapshotCollector
+from edge.pipeline import Pipeline
 from edge.plcqueue import DeadlineOrderedLink
+from edge.pool import InferencePool, PoolModel
 from edge.stats import RunStats
+from edge.supervisor import Supervisor
 from edge.systemd import Notifier
 from models.config import ModelSettings
 from models.loader import load_detector
-from models.package import load_package
+from models.package import ModelPackage, load_package
 from plc.config import ModbusSettings
 from plc.factory import create_link, simulated_settings
 from plc.record import Alarm, WriteOutcome
@@ -47,16 +52,33 @@ log = structlog.get_logger(__name__)
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+HEARTBEAT_FLOOR_MS = 50.0
+"""The shortest heartbeat period honoured: a status write must fit in it with room for records
+(a 10 ms period starved the heartbeat for seconds under load)."""
+
+_early_signals: list[str] = []
 
 
 class ExitCode(enum.IntEnum):
-    """Documented in README.md ("Exit codes"); systemd restarts on anything but OK."""
+    """Documented in README.md ("Exit codes"); systemd restarts on anything but OK and 2."""
 
     OK = 0
     INTERNAL_ERROR = 1
     CONFIG_ERROR = 2
     STARTUP_FAILED = 3
     DRAIN_TIMEOUT = 4
+
+
+def install_early_signal_handlers() -> None:
+    """Until the loop takes over, remember SIGHUP/SIGTERM instead of dying on them (a reload
+    sent while the daemon is still loading must not kill it with exit 129)."""
+
+    def remember(signum: int, _frame: object) -> None:
+        _early_signals.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread (tests)
+            signal.signal(sig, remember)
 
 
 @dataclass
@@ -72,6 +94,13 @@ class ComponentState:
         return changed
 
 
+@dataclass
+class ActiveModel:
+    pool: InferencePool
+    model: PoolModel
+    package: ModelPackage
+
+
 class Daemon:
     def __init__(self, config: LineConfig, config_path: Path | None = None) -> None:
         self.config = config
@@ -79,13 +108,14 @@ class Daemon:
         self.metrics = Metrics()
         self.stats = RunStats()
         self.notifier = Notifier()
+        self.supervisor = Supervisor()
         self.components: dict[str, ComponentState] = {}
         self.plc_sim: ModbusPlcSimulator | None = None
         self.plc: DeadlineOrderedLink | None = None
         self.spool: Spool | None = None
         self.forwarder: Forwarder | None = None
-        self._forwarder_task: asyncio.Task[None] | None = None
         self.pipeline: Pipeline | None = None
+        self.active: ActiveModel | None = None
         self.http: ObservabilityServer | None = None
         self.workers: dict[str, CameraWorker] = {}
         self.heartbeat = 0
@@ -93,14 +123,15 @@ class Daemon:
         self._plc_recovered_ns = 0
         """When the PLC link last came back after an outage (PLC_RECOVERED alarm, held)."""
         self.spool_stats: dict[str, Any] = {}
-        """Cached by the supervisor (spool stats query the DB: never on the loop)."""
+        """Cached by the housekeeping task (spool stats query the DB: never on the loop)."""
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.monotonic()
         self.exit_reason = "not started"
         self._status_task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.metrics.registry.register(SnapshotCollector(self._snapshot_metrics))
 
     # ---- public --------------------------------------------------------------------------
 
@@ -111,22 +142,21 @@ class Daemon:
 
     async def run(self, duration_s: float | None = None, status_line: bool = False) -> ExitCode:
         self._loop = asyncio.get_running_loop()
-        # The loop shares the GIL with the capture and inference threads; CPython hands it over
-        # every 5 ms by default, which would let one busy decode delay a deadline timer by that
-        # much, several times over. Hand it over more often (a little throughput for latency).
+        # The loop shares the GIL with the capture, spool and PLC-simulator threads; CPython
+        # hands it over every 5 ms by default, which would let one busy thread delay a deadline
+        # timer by that much. Hand it over more often (a little throughput for latency).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        self._install_signals()
         try:
             await self._start()
         except Exception as exc:
             log.exception("startup_failed", error=repr(exc))
             await self._shutdown()
             return ExitCode.STARTUP_FAILED
-        self._install_signals()
         if duration_s is not None:
             self._loop.call_later(duration_s, self.request_stop, f"duration {duration_s:g}s")
         if status_line:
             self._status_task = asyncio.create_task(self._status_line())
-            self._tasks.append(self._status_task)
         self.notifier.ready(self._status_text())
         log.info(
             "daemon_ready",
@@ -142,7 +172,10 @@ class Daemon:
             stop_wait.cancel()
             if self._reload.is_set() and not self._stop.is_set():
                 self._reload.clear()
-                await self.reload()
+                try:
+                    await self.reload()
+                except Exception:  # a reload must never take the line down
+                    log.exception("reload_failed", kept="previous config")
         drained = await self._shutdown()
         return ExitCode.OK if drained else ExitCode.DRAIN_TIMEOUT
 
@@ -151,7 +184,7 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        for name in ["plc", "model", "spool", *(f"camera:{c.id}" for c in cfg.cameras)]:
+        for name in ["plc", "model", "verdicts", "spool", *(f"camera:{c.id}" for c in cfg.cameras)]:
             self.components[name] = ComponentState()
 
         slots = {c.id: c.plc_slot for c in cfg.cameras}
@@ -162,14 +195,17 @@ class Daemon:
             port = await loop.run_in_executor(None, self.plc_sim.start)
             plc_settings = simulated_settings(plc_settings, port)
             log.info("plc_simulator_started", host=plc_settings.host, port=port)
-        self.plc = DeadlineOrderedLink(create_link(plc_settings, camera_slots=n_slots))
-        await self.plc.start()
+        self.plc = DeadlineOrderedLink(
+            create_link(plc_settings, camera_slots=n_slots), on_state=self._plc_state
+        )
+        await self.plc.start(serve=False)
+        self.supervisor.spawn("plc-queue", self.plc.serve)
         # Give the PLC a moment before frames flow; one that stays away is an alarm, not a reason
         # to keep the line blind (its own watchdog rejects parts while we are absent).
         if not await self.plc.wait_connected(cfg.status.plc_startup_wait_s):
             log.error("plc_not_connected_at_start", waited_s=cfg.status.plc_startup_wait_s)
 
-        holder = await self._load_model(cfg.model, cfg.decision)
+        self.active = await self._start_model(cfg.model, cfg.decision, "active")
 
         self.spool = Spool(cfg.uplink, line=cfg.line)
         try:
@@ -177,16 +213,23 @@ class Daemon:
             self._set("spool", True, "open")
             if cfg.uplink.kafka is not None or cfg.uplink.s3 is not None:
                 self.forwarder = Forwarder(self.spool)
-                self._forwarder_task = asyncio.create_task(self.forwarder.run(), name="uplink")
                 self.components["uplink"] = ComponentState()
+                self.supervisor.spawn("uplink", self.forwarder.run, critical=False)
         except Exception as exc:
             log.error("spool_unavailable", error=repr(exc))
             self._set("spool", False, f"open failed: {exc}")
 
         self.pipeline = Pipeline(
-            cfg.pipeline, cfg.line, holder, self.plc, self.spool, self.metrics, self.stats, slots
+            cfg.pipeline,
+            cfg.line,
+            self.active.pool if self.active else None,
+            self.active.model if self.active else None,
+            self.plc,
+            self.spool,
+            self.metrics,
+            self.stats,
+            slots,
         )
-        self.pipeline.start()
 
         if cfg.observability.enabled:
             obs = cfg.observability
@@ -204,8 +247,9 @@ class Daemon:
                     fix="choose another observability.port",
                 )
 
-        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
-        self._tasks.append(asyncio.create_task(self._supervise_loop(), name="supervise"))
+        hb_s = self._heartbeat_period_s()
+        self.supervisor.spawn("heartbeat", self._heartbeat_loop, stale_after_s=max(2.0, 10 * hb_s))
+        self.supervisor.spawn("housekeeping", self._housekeeping_loop, stale_after_s=10.0)
 
         for cam in cfg.cameras:
             worker = CameraWorker.from_settings(
@@ -214,9 +258,15 @@ class Daemon:
             self.workers[cam.id] = worker
             worker.start()
 
-    async def _load_model(self, model: ModelSettings, decision: DecisionSettings) -> ModelHolder:
-        """Load the model package; on failure the line runs on fail-safes until a reload works."""
-        pipeline = self.config.pipeline
+    async def _start_model(
+        self, model: ModelSettings, decision: DecisionSettings, role: str
+    ) -> ActiveModel | None:
+        """Verify the package and start its worker pool.
+
+        A pool whose workers cannot load yet keeps retrying in the background (with backoff);
+        meanwhile frames are fail-safed MODEL_DOWN. Only a package that does not verify returns
+        None (the line then runs on fail-safes until a reload brings a good one).
+        """
         loop = asyncio.get_running_loop()
         try:
             package = await loop.run_in_executor(None, load_package, model.package)
@@ -228,33 +278,52 @@ class Daemon:
                 package_default=th.default,
                 package_min_area=th.min_area_px,
             )
-            settings = model
-            if settings.conf_threshold is None:
-                # Candidates below every decision threshold cannot change a verdict: don't pay
-                # for their masks (the cost grows with candidates x frame size).
-                settings = settings.model_copy(update={"conf_threshold": rules.lowest_score})
-            runners: list[BatchRunner]
-            log_cfg = (self.config.logging.level, self.config.logging.format)
-            if pipeline.isolation == "process":
-                runners = list(
-                    await asyncio.gather(
-                        *(
-                            loop.run_in_executor(None, ProcessRunner, settings, rules, log_cfg)
-                            for _ in range(pipeline.workers)
-                        )
-                    )
-                )
-                info = runners[0].info  # type: ignore[attr-defined]
-            else:
-                detector = await loop.run_in_executor(None, load_detector, settings)
-                runners = [ThreadRunner(detector, rules)] * pipeline.workers
-                info = detector.info
-            self._set("model", True, info.model_id)
-            return ModelHolder(runners, info, package.manifest.plc_model_id)
         except Exception as exc:
             log.error("model_load_failed", package=str(model.package), error=str(exc))
             self._set("model", False, f"load failed: {exc}")
-            return ModelHolder.empty()
+            return None
+        settings = model
+        if settings.conf_threshold is None:
+            # Candidates below every decision threshold cannot change a verdict: don't pay
+            # for their masks (the cost grows with candidates x frame size).
+            settings = settings.model_copy(update={"conf_threshold": rules.lowest_score})
+        p = self.config.pipeline
+        log_cfg = (self.config.logging.level, self.config.logging.format)
+        by_recipe = {0: rules}
+
+        def factory(name: str, on_death: Any) -> Worker:
+            if p.isolation == "process":
+                return ProcessWorker(
+                    name,
+                    settings,
+                    by_recipe,
+                    slots=p.worker_depth * p.max_batch,
+                    logging_cfg=log_cfg,
+                    on_death=on_death,
+                )
+            return ThreadWorker(name, lambda: load_detector(settings), by_recipe, on_death=on_death)
+
+        pool = InferencePool(
+            f"{role}:{package.manifest.name}-{package.manifest.version}",
+            factory,
+            workers=p.worker_count(model.intra_op_threads),
+            depth=p.worker_depth,
+            hang_s=p.model_hang_s,
+            error_threshold=p.model_error_threshold,
+            load_timeout_s=p.model_load_timeout_s,
+        )
+        pm = PoolModel(
+            package.info(model.runtime),
+            package.manifest.plc_model_id,
+            getattr(package, "digest", ""),
+        )
+        try:
+            await pool.start()
+            self._set("model", True, pm.model_id)
+        except Exception as exc:
+            log.error("model_workers_not_ready", model=pm.model_id, error=str(exc))
+            self._set("model", False, f"workers not ready: {exc}")
+        return ActiveModel(pool, pm, package)
 
     # ---- camera threads -> loop ----------------------------------------------------------
 
@@ -281,92 +350,108 @@ class Daemon:
     def _set(self, name: str, up: bool, detail: str) -> None:
         comp = self.components.setdefault(name, ComponentState())
         was_up = comp.up
-        if name == "plc" and up and not was_up and comp.detail != "starting":
-            self._plc_recovered_ns = time.monotonic_ns()
         if comp.set(up, detail):
             self.metrics.component_up.labels(name).set(1 if up else 0)
-            if up != was_up or not up:
+            if up != was_up:
                 (log.info if up else log.warning)(
                     "component_state", component=name, up=up, detail=detail
                 )
+
+    def _plc_state(self, up: bool, detail: str) -> None:
+        """From the EDF queue, on the first request whose outcome changes the PLC's state."""
+        comp = self.components.get("plc")
+        if up and comp is not None and not comp.up and comp.detail != "starting":
+            self._plc_recovered_ns = time.monotonic_ns()
+        self._set("plc", up, detail)
 
     def _compute_alarms(self) -> Alarm:
         alarms = Alarm(0)
         if any(not s.up for n, s in self.components.items() if n.startswith("camera:")):
             alarms |= Alarm.CAMERA_DOWN
-        if not self.components["model"].up:
+        if not self.components["model"].up or not self.components["verdicts"].up:
             alarms |= Alarm.MODEL_DOWN
         if not self.components["spool"].up:
             alarms |= Alarm.SPOOL_FAULT
         p = self.pipeline
+        now = time.monotonic_ns()
         hold_ns = self.config.status.failsafe_alarm_hold_s * 1e9
-        if (
-            p is not None
-            and p.last_failsafe_ns
-            and time.monotonic_ns() - p.last_failsafe_ns < hold_ns
-        ):
+        if p is not None and p.last_failsafe_ns and now - p.last_failsafe_ns < hold_ns:
             alarms |= Alarm.FAILSAFE_ACTIVE
         if self.spool_stats.get("alarms"):
             alarms |= Alarm.UPLINK_BACKLOG_HIGH
-        if self._plc_recovered_ns and time.monotonic_ns() - self._plc_recovered_ns < hold_ns:
+        if self._plc_recovered_ns and now - self._plc_recovered_ns < hold_ns:
             alarms |= Alarm.PLC_RECOVERED
         return alarms
 
+    def _heartbeat_period_s(self) -> float:
+        floor = max(HEARTBEAT_FLOOR_MS, float(getattr(self.plc.link, "min_status_period_ms", 0)
+                                             if self.plc is not None else 0))
+        return max(self.config.status.heartbeat_ms, floor) / 1000
+
     async def _heartbeat_loop(self) -> None:
         """Heartbeat word + alarm bits; the PLC's watchdog rejects parts if it stops moving."""
-        period = self.config.status.heartbeat_ms / 1000
         assert self.plc is not None
         next_at = time.monotonic()
         while True:
+            period = self._heartbeat_period_s()
             self.heartbeat = (self.heartbeat + 1) & 0xFFFF
-            self.alarms = self._compute_alarms()
-            self.metrics.heartbeat.set(self.heartbeat)
-            self.metrics.alarms.set(int(self.alarms))
+            alarms = self._compute_alarms()
             deadline = time.monotonic_ns() + int(period * 1e9)
-            result = await self.plc.write_status(self.heartbeat, self.alarms, deadline)
-            self._set(
-                "plc",
-                result.outcome is WriteOutcome.ACKED,
-                "connected"
-                if result.outcome is WriteOutcome.ACKED
-                else f"heartbeat {result.outcome.value}: {result.detail}",
-            )
+            result = await self.plc.write_status(self.heartbeat, alarms, deadline)
+            if result.outcome is WriteOutcome.ACKED:
+                self.alarms = alarms
+                self.metrics.heartbeat.set(self.heartbeat)
+                self.metrics.alarms.set(int(alarms))
+            self.supervisor.beat("heartbeat")
+            if result.outcome is WriteOutcome.ACKED and self._compute_alarms() != alarms:
+                continue  # this very write changed what the alarms say (PLC back): say it now
             next_at += period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if time.monotonic() - next_at > period:
                 next_at = time.monotonic()  # fell behind (PLC down): don't burst to catch up
 
-    async def _supervise_loop(self) -> None:
-        """Once a second-ish: model hang detection, spool health, systemd watchdog and STATUS."""
+    async def _housekeeping_loop(self) -> None:
+        """Once a second-ish: health of model, verdicts, spool; systemd watchdog and STATUS."""
         wd = self.notifier.watchdog_s
         period = min(1.0, wd / 3) if wd else 1.0
         ticks = 0
         while True:
-            p = self.pipeline
-            if p is not None:
-                busy = p.model_busy_for_s()
-                hang_s = self.config.pipeline.model_hang_s
-                if busy > hang_s:
-                    self._set("model", False, f"inference running for {busy:.1f}s (hung?)")
-                    p.model_up = False
-                    if p.kill_hung(hang_s):
-                        p.model_up = True  # the next batch respawns the worker process
-                elif p.model_up and not self.components["model"].up and p.model.available:
-                    self._set("model", True, p.model.model_id)
-                elif not p.model_up and self.components["model"].up:
-                    self._set("model", False, "inference errors")
-                self.metrics.queue_depth.set(p.queue_depth)
+            self.supervisor.beat("housekeeping")
+            self._check_model()
             if self.plc is not None:
                 self.metrics.plc_pending.set(self.plc.pending)
+            if self.pipeline is not None:
+                self.pipeline.flush_logs()
+                self.metrics.queue_depth.set(self.pipeline.queue_depth)
             if self.spool is not None and self.components["spool"].detail != "starting":
                 await self._poll_spool()
-            # The loop itself is alive if we got here; a wedged loop stops the pings and
-            # systemd restarts us.
-            self.notifier.watchdog()
+            # The loop itself is alive if we got here; a wedged loop, or a critical task given
+            # up on, stops the pings and systemd restarts us.
+            problems = self.supervisor.problems()
+            if not problems:
+                self.notifier.watchdog()
             ticks += 1
             if ticks % max(1, int(5 / period)) == 0:
                 self.notifier.status(self._status_text())
             await asyncio.sleep(period)
+
+    def _check_model(self) -> None:
+        p, active = self.pipeline, self.active
+        if active is not None:
+            pool = active.pool
+            if pool.up:
+                self._set("model", True, active.model.model_id)
+            elif pool.breaker_open:
+                self._set("model", False, f"model down (breaker open): {pool.last_error}")
+            else:
+                self._set("model", False, f"no inference worker ready: {pool.last_error}")
+        if p is not None:
+            silent = p.seconds_without_real_verdict()
+            limit = self.config.status.no_verdict_alarm_s
+            if silent > limit:
+                self._set("verdicts", False, f"no real verdict for {silent:.0f}s")
+            else:
+                self._set("verdicts", True, "flowing" if p.last_real_verdict_ns else "idle")
 
     async def _poll_spool(self) -> None:
         assert self.spool is not None
@@ -388,12 +473,11 @@ class Daemon:
 
     def _status_text(self) -> str:
         s = self.stats
-        e2e = s.summary()["end_to_end_ms"] if s.e2e_ms else {"p99": float("nan")}
         down = [n for n, c in self.components.items() if not c.up]
         return (
             f"frames={s.frames} ok={s.verdicts['OK']} defect={s.verdicts['DEFECT']} "
             f"failsafe={s.verdicts['FAILSAFE_REJECT']} miss={s.deadline_misses} "
-            f"p99={e2e['p99']:.1f}ms down={','.join(down) or '-'}"
+            f"p99={s.e2e_ms.quantile(0.99):.1f}ms down={','.join(down) or '-'}"
         )
 
     async def _status_line(self) -> None:
@@ -403,6 +487,9 @@ class Daemon:
             sys.stderr.write(f"\r{self._status_text()} queue={q}   ")
             sys.stderr.flush()
 
+    def camera_stats(self) -> dict[str, dict[str, Any]]:
+        return {cid: w.stats() for cid, w in list(self.workers.items())}
+
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Snapshot for /healthz (called from the HTTP thread: reads only)."""
         comps = {
@@ -410,44 +497,89 @@ class Daemon:
             for name, c in list(self.components.items())
         }
         critical = [n for n in comps if n not in ("spool", "uplink")]
-        ok = all(comps[n]["up"] for n in critical)
+        problems = self.supervisor.problems()
+        ok = all(comps[n]["up"] for n in critical) and not problems
         doc: dict[str, Any] = {
             "status": "ok" if ok else "degraded",
             "line": self.config.line,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "components": comps,
+            "problems": problems,
             "alarms": [a.name for a in Alarm if a in self.alarms],
             "heartbeat": self.heartbeat,
             "frames": self.stats.frames,
             "deadline_misses": self.stats.deadline_misses,
+            "cameras": self.camera_stats(),
+            "tasks": self.supervisor.health(),
         }
+        if self.active is not None:
+            doc["model"] = self.active.pool.health()
         if self.spool_stats:
             doc["spool"] = self.spool_stats
         return ok, doc
+
+    def _snapshot_metrics(self) -> Iterator[Sample]:
+        """Prometheus samples from state other threads/processes keep (see SnapshotCollector)."""
+        for cid, st in self.camera_stats().items():
+            for key, help_ in _CAMERA_COUNTERS.items():
+                if isinstance(st.get(key), int | float):
+                    yield Sample(f"edge_camera_{key}", "counter", help_, {"camera": cid}, st[key])
+        if self.active is not None:
+            pool = self.active.pool
+            m = {"model": self.active.model.model_id}
+            yield Sample("edge_model_workers_ready", "gauge", "Inference workers ready.", m,
+                         len(pool.ready_workers))
+            yield Sample("edge_model_worker_restarts", "counter",
+                         "Inference worker respawns.", m, len(pool.restarts))
+            yield Sample("edge_model_breaker_open", "gauge",
+                         "1 while the model breaker is open (frames fail-safed without "
+                         "inference).", m, 1 if pool.breaker_open else 0)
+        if self.pipeline is not None:
+            yield Sample("edge_seconds_without_real_verdict", "gauge",
+                         "Seconds frames have arrived without a real (non-fail-safe) verdict.",
+                         {}, self.pipeline.seconds_without_real_verdict())
+        for name, h in self.supervisor.health().items():
+            yield Sample("edge_task_restarts", "counter", "Supervised task restarts.",
+                         {"task": name}, float(h["restarts_in_window"]))  # type: ignore[arg-type]
+        s = self.spool_stats
+        for key, help_ in _SPOOL_GAUGES.items():
+            if isinstance(s.get(key), int | float):
+                yield Sample(f"edge_uplink_{key}", "gauge", help_, {}, s[key])
 
     # ---- signals, reload -------------------------------------------------------------------
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
             loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        for name in _early_signals:
+            if name == "SIGTERM":
+                self.request_stop("SIGTERM (before ready)")
+            elif name == "SIGHUP":
+                self._reload.set()
+        _early_signals.clear()
 
     async def reload(self) -> bool:
-        """SIGHUP: re-read the YAML; apply what is safe live, refuse the rest, never crash.
+        """SIGHUP: re-read the YAML off the loop; apply what is safe live, refuse the rest.
 
-        Live: decision rules, model package (loaded beside the running one, swapped between
+        Live: decision rules, model package (started beside the running one, swapped between
         batches), log level, status thresholds. Cameras, PLC, uplink and pipeline sizing need a
-        restart: a change there is logged and ignored.
+        restart: a change there is logged and ignored. Any failure refuses the reload and keeps
+        the running config (never a crash, never a lost frame).
         """
         if self.config_path is None:
             log.warning("reload_ignored", reason="running on embedded defaults, no file to re-read")
             return False
+        loop = asyncio.get_running_loop()
         try:
-            new = load_config(self.config_path)
+            new = await loop.run_in_executor(None, load_config, self.config_path)
         except ConfigError as exc:
             log.error("reload_rejected", problems=exc.problems, kept="previous config")
+            return False
+        except Exception as exc:
+            log.error("reload_rejected", problems=[repr(exc)], kept="previous config")
             return False
         old = self.config
         restart_needed = [
@@ -459,25 +591,39 @@ class Daemon:
             log.warning("reload_needs_restart", sections=restart_needed, applied="no (restart)")
         assert self.pipeline is not None
         if new.model != old.model or new.decision != old.decision:
-            holder = await self._load_model(new.model, new.decision)
-            if not holder.available:
-                current = self.pipeline.model
-                self._set("model", current.available, current.model_id)
-                log.error("reload_model_rejected", kept=current.model_id)
+            if not await self._activate(new.model, new.decision):
                 return False
-            previous = self.pipeline.model
-            self.pipeline.model = holder
-            self.pipeline.mark_model_up()
             self.config = self.config.model_copy(
                 update={"model": new.model, "decision": new.decision}
             )
-            # Batches already running on the old runners finish first; then close them.
-            asyncio.get_running_loop().run_in_executor(None, previous.close)
-            log.info("reload_model_applied", model=holder.model_id)
         if new.logging != old.logging:
             configure_logging(new.logging.level, new.logging.format)
         self.config = self.config.model_copy(update={"status": new.status, "logging": new.logging})
         log.info("reload_done", restart_needed=restart_needed)
+        return True
+
+    async def _activate(self, model: ModelSettings, decision: DecisionSettings) -> bool:
+        """Start a model beside the running one; switch between batches once it is ready."""
+        assert self.pipeline is not None
+        candidate = await self._start_model(model, decision, "active")
+        if candidate is None or not candidate.pool.up:
+            if candidate is not None:
+                await candidate.pool.close(0)
+            current = self.active
+            if current is not None:
+                self._set("model", current.pool.up, current.model.model_id)
+            log.error("reload_model_rejected", kept=current.model.model_id if current else None)
+            return False
+        previous = self.active
+        self.active = candidate
+        self.pipeline.swap_model(candidate.pool, candidate.model)
+        self._set("model", True, candidate.model.model_id)
+        if previous is not None:
+            # Batches already running on the old workers finish first; then they stop.
+            task = asyncio.ensure_future(previous.pool.close(self.config.pipeline.model_hang_s))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        log.info("reload_model_applied", model=candidate.model.model_id)
         return True
 
     # ---- stop ----------------------------------------------------------------------------
@@ -497,22 +643,20 @@ class Daemon:
         if self.pipeline is not None:
             drained = await self.pipeline.drain()
             await self.pipeline.close()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        if self.forwarder is not None and self._forwarder_task is not None:
+        await self.supervisor.close()
+        if self.forwarder is not None:
             self.forwarder.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._forwarder_task, 10.0)
         if self.spool is not None:
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, self.spool.flush, 10.0)
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, self.spool.close)
-        if self.pipeline is not None:
-            await loop.run_in_executor(None, self.pipeline.model.close)
+        for task in list(self._retiring):
+            with contextlib.suppress(Exception):
+                await task
+        if self.active is not None:
+            with contextlib.suppress(Exception):
+                await self.active.pool.close(0.5)
         if self.plc is not None:
             await self.plc.close()
         if self.plc_sim is not None:
@@ -521,6 +665,41 @@ class Daemon:
             self.http.stop()
         self.notifier.close()
         return drained
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stats.summary()
+        s["cameras"] = self.camera_stats()
+        if self.active is not None:
+            s["model"] = self.active.pool.health()
+        if self.plc_sim is not None:
+            c = self.plc_sim.counters()
+            s["plc_simulator"] = {
+                "records_received": c.records_received,
+                "sequence_gaps": c.sequence_gaps,
+                "heartbeats_received": c.heartbeats_received,
+            }
+        return s
+
+
+_CAMERA_COUNTERS = {
+    "frames": "Frames the camera delivered.",
+    "missed": "Frames lost at the camera (gaps in the device frame counter).",
+    "reopens": "Times the camera was reopened after a fault.",
+    "stalls": "Times the camera stopped delivering (stall timeout).",
+    "errors": "Camera open/read errors.",
+    "lost_triggers": "Triggers whose frame never came.",
+    "bad_files": "Replay files that could not be decoded (skipped).",
+    "refused_frames": "Frames refused as unusable (oversized, bad format): fail-safed.",
+    "downscaled_frames": "Oversized frames downscaled before inference.",
+}
+_SPOOL_GAUGES = {
+    "unsent_events": "Events not yet acknowledged by Kafka.",
+    "unsent_images": "Images not yet uploaded to S3.",
+    "oldest_unsent_age_s": "Age of the oldest unsent event or image, seconds.",
+    "bytes_used": "Spool bytes counted against the quota.",
+    "quota_bytes": "Spool disk quota, bytes.",
+    "usage_fraction": "Spool usage / quota.",
+}
 
 
 def run_daemon(

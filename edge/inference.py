@@ -1,21 +1,29 @@
-"""Where a batch is inferred: in a thread of the daemon, or in a worker process of its own.
+"""Inference workers: a batch in, decisions out, in a process of its own (or a thread, for tests).
 
-A process is the default on a line. The event loop that keeps the deadlines shares the GIL with
-every thread of the daemon; a model whose decode is Python-heavy (hundreds of candidates on a
-large frame) or a driver that spins can delay the deadline timers. In a process it cannot. And a
-hung thread can never be stopped, while a hung process is killed and respawned: the deadline guard
-fail-safes its frames meanwhile, and the line is back within a model load instead of a daemon
-restart. Threads remain for tests with injected faults and for boxes where memory is very tight.
+A process is the default on a line. The event loop that keeps the deadlines must never share the
+GIL with a Python-heavy decode (hundreds of candidates on a large frame), and a hung process can be
+killed and respawned while a hung thread cannot. The parent side is asyncio-native: the worker's
+pipe and its process sentinel are watched by the event loop itself (`add_reader`), so a finished
+batch or a dead worker is noticed without a thread hop, and nothing blocks the loop.
+
+Frames travel through shared memory (edge/shm.py); decisions come back without their masks (the
+area inside the ROI was already computed in the worker; events and the operator page only need
+the outlines), so a result is a few KB whatever the frame size.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -23,9 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from camera.frame import Frame
 from edge.decision import Decision, DecisionRules
 from edge.logs import configure_logging
+from edge.shm import SlotPool, SlotReader, SlotRef
 from models.config import ModelSettings
 from models.loader import load_detector
 from models.types import Detector, ModelError, ModelInfo
@@ -39,26 +47,39 @@ _MS = 1_000_000
 class BatchOutput:
     decisions: list[Decision]
     stages_ms: dict[str, float]
+    compute_ns: int
+    """Wall time of the whole batch inside the worker: the service time admission control
+    learns from (never the time a respawn or a full pipe took)."""
 
 
-class BatchRunner(Protocol):
-    """Runs whole batches; ``run`` blocks (it is called from an inference thread)."""
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One frame of a batch as a worker needs it."""
 
-    def run(self, frames: list[Frame], masks: bool) -> BatchOutput: ...
+    image: np.ndarray
+    camera_id: str
+    recipe: int = 0
 
-    def kill(self) -> bool:
-        """Stop a hung batch if the runner can (True if it did)."""
-        ...
 
-    def close(self) -> None: ...
+def _without_masks(decision: Decision) -> Decision:
+    if not decision.counted:
+        return decision
+    counted = tuple(dataclasses.replace(d, mask=None) for d in decision.counted)
+    deciding = None
+    if decision.deciding is not None:
+        deciding = counted[decision.counted.index(decision.deciding)]
+    return dataclasses.replace(decision, counted=counted, deciding=deciding)
 
 
 def run_batch(
-    detector: Detector, rules: DecisionRules, frames: list[Frame], masks: bool
+    detector: Detector,
+    rules: Mapping[int, DecisionRules],
+    items: Sequence[BatchItem],
+    masks: bool,
 ) -> BatchOutput:
-    """Every CPU-heavy step of one batch, timed per stage."""
+    """Every CPU-heavy step of one batch, timed per stage (runs inside the worker)."""
     t0 = time.perf_counter_ns()
-    prepared = [detector.preprocess(f.image) for f in frames]
+    prepared = [detector.preprocess(it.image) for it in items]
     t1 = time.perf_counter_ns()
     step = max(1, detector.max_batch)
     chunks = [prepared[i : i + step] for i in range(0, len(prepared), step)]
@@ -73,9 +94,12 @@ def run_batch(
         for d in detector.postprocess(out, c, masks=masks)
     ]
     t3 = time.perf_counter_ns()
-    decisions = [
-        rules.decide(d, f.image.shape, f.camera_id) for d, f in zip(detections, frames, strict=True)
-    ]
+    decisions = []
+    for dets, it in zip(detections, items, strict=True):
+        recipe_rules = rules.get(it.recipe)
+        if recipe_rules is None:
+            raise ModelError(f"no decision rules for recipe {it.recipe}")
+        decisions.append(_without_masks(recipe_rules.decide(dets, it.image.shape, it.camera_id)))
     t4 = time.perf_counter_ns()
     return BatchOutput(
         decisions,
@@ -85,152 +109,348 @@ def run_batch(
             "postprocess": (t3 - t2) / _MS,
             "decide": (t4 - t3) / _MS,
         },
+        t4 - t0,
     )
 
 
-class ThreadRunner:
-    """Inference in the calling thread, on a detector owned by the daemon process."""
+class Worker(Protocol):
+    """One inference worker as the pool sees it (all methods run on the event loop)."""
 
-    def __init__(self, detector: Detector, rules: DecisionRules) -> None:
-        self.detector = detector
-        self.rules = rules
-        self.info = detector.info
+    name: str
+    inflight: int
+    """Batches sent and not yet answered."""
 
-    def run(self, frames: list[Frame], masks: bool) -> BatchOutput:
-        return run_batch(self.detector, self.rules, frames, masks)
+    @property
+    def pid(self) -> int | None: ...
 
-    def kill(self) -> bool:
-        return False  # a thread cannot be stopped; the guard keeps fail-safing its frames
+    @property
+    def ready(self) -> bool: ...
 
-    def close(self) -> None:
-        self.detector.close()
+    async def start(self, timeout_s: float) -> ModelInfo:
+        """Load the model; ModelError if it cannot (the worker is then dead)."""
+        ...
+
+    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
+        """Start one batch; the future fails with ModelError if the worker fails or dies."""
+        ...
+
+    def kill(self, reason: str) -> bool:
+        """Stop a hung worker if possible (True if it will die)."""
+        ...
+
+    async def close(self, timeout_s: float = 2.0) -> None: ...
+
+
+DeathCallback = Callable[["Worker", str], None]
+
+
+# ---- process workers ----------------------------------------------------------------------------
 
 
 def _child_main(
-    conn: Connection, settings: ModelSettings, rules: DecisionRules, logging: tuple[str, str]
+    conn: Connection,
+    settings: ModelSettings,
+    rules: Mapping[int, DecisionRules],
+    logging_cfg: tuple[str, str],
+    nice: int,
 ) -> None:
     """The worker process: load the model once, then serve batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    configure_logging(*logging)
+    configure_logging(*logging_cfg)
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
     try:
         detector = load_detector(settings)
     except Exception as exc:  # reported to the parent, which keeps the line on fail-safes
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", None, f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", detector.info))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            break
-        if msg is None:
-            break
-        frames, masks = msg
-        try:
-            conn.send(("ok", run_batch(detector, rules, frames, masks)))
-        except Exception as exc:  # one bad batch is one set of fail-safes, not a dead worker
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    detector.close()
+    conn.send(("ready", None, detector.info))
+    reader = SlotReader()
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg is None:
+                break
+            batch_id, refs, cameras, recipes, masks = msg
+            try:
+                items = [
+                    BatchItem(reader.view(ref), cam, recipe)
+                    for ref, cam, recipe in zip(refs, cameras, recipes, strict=True)
+                ]
+                out = run_batch(detector, rules, items, masks)
+                del items
+                conn.send(("ok", batch_id, out))
+            except Exception as exc:  # one bad batch is one set of fail-safes, not a dead worker
+                conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))
+    finally:
+        detector.close()
+        reader.close()
 
 
-class ProcessRunner:
-    """Inference in a dedicated process, respawned on demand after a crash or a kill."""
+class ProcessWorker:
+    """A worker process, watched by the event loop; never respawns itself (the pool does)."""
+
+    _ctx = mp.get_context("spawn")  # fork would copy the daemon's threads' locks
 
     def __init__(
         self,
+        name: str,
         settings: ModelSettings,
-        rules: DecisionRules,
-        logging: tuple[str, str] = ("info", "auto"),
-        load_timeout_s: float = 120.0,
+        rules: Mapping[int, DecisionRules],
+        *,
+        slots: int,
+        logging_cfg: tuple[str, str],
+        on_death: DeathCallback,
+        nice: int = 0,
     ) -> None:
+        self.name = name
         self.settings = settings
-        self.rules = rules
-        self.logging = logging
-        self.load_timeout_s = load_timeout_s
-        self._ctx = mp.get_context("spawn")  # fork would copy the daemon's threads' locks
-        self._lock = threading.Lock()
+        self.rules = dict(rules)
+        self.inflight = 0
+        self._slots = SlotPool(slots)
+        self._logging = logging_cfg
+        self._nice = nice
+        self._on_death = on_death
         self._proc: Any = None
         self._conn: Connection | None = None
-        self.info: ModelInfo = self._spawn()
-        self.respawns = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready_fut: asyncio.Future[ModelInfo] | None = None
+        self._pending: dict[int, tuple[asyncio.Future[BatchOutput], list[int]]] = {}
+        self._ids = itertools.count(1)
+        self._dead = False
+        self._ready = False
+        self._kill_reason = ""
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def _spawn(self) -> ModelInfo:
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._dead
+
+    async def start(self, timeout_s: float) -> ModelInfo:
+        loop = self._loop = asyncio.get_running_loop()
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_child_main,
-            args=(child, self.settings, self.rules, self.logging),
-            name="edge-infer",
+            args=(child, self.settings, self.rules, self._logging, self._nice),
+            name=f"edge-infer-{self.name}",
             daemon=True,
         )
-        proc.start()
+        # Process.start() forks and execs a new interpreter: tens of ms, off the loop.
+        await loop.run_in_executor(None, proc.start)
         child.close()
-        if not parent.poll(self.load_timeout_s):
-            proc.kill()
-            raise ModelError(f"inference process did not load the model in {self.load_timeout_s}s")
-        try:
-            kind, payload = parent.recv()
-        except EOFError:
-            proc.join(1)
-            code = proc.exitcode
-            raise ModelError(f"inference process died while loading (exit {code})") from None
-        if kind != "ready":
-            proc.join(5)
-            raise ModelError(f"inference process could not load the model: {payload}")
         self._proc, self._conn = proc, parent
-        log.info("inference_process_ready", pid=proc.pid, model=payload.model_id)
-        info: ModelInfo = payload
+        self._ready_fut = loop.create_future()
+        loop.add_reader(parent.fileno(), self._readable)
+        loop.add_reader(proc.sentinel, self._exited)
+        try:
+            info = await asyncio.wait_for(asyncio.shield(self._ready_fut), timeout_s)
+        except TimeoutError:
+            self.kill(f"did not load the model in {timeout_s:g}s")
+            raise ModelError(f"inference worker did not load the model in {timeout_s:g}s") from None
+        self._ready = True
+        log.info("inference_process_ready", worker=self.name, pid=proc.pid, model=info.model_id)
         return info
 
-    def run(self, frames: list[Frame], masks: bool) -> BatchOutput:
-        with self._lock:
-            if self._proc is None or not self._proc.is_alive():
-                self._reap()
-                self.respawns += 1
-                log.warning("inference_process_respawn", respawns=self.respawns)
-                self._spawn()
-            assert self._conn is not None
-            try:
-                self._conn.send((frames, masks))
-                kind, payload = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError) as exc:
-                code = self._proc.exitcode if self._proc is not None else None
-                self._reap()
-                raise ModelError(f"inference process died (exit {code}): {exc!r}") from None
-        if kind != "ok":
-            raise ModelError(payload)
-        out: BatchOutput = payload
-        return out
+    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
+        assert self._loop is not None and self._conn is not None
+        fut: asyncio.Future[BatchOutput] = self._loop.create_future()
+        if self._dead:
+            fut.set_exception(ModelError(f"inference worker {self.name} is dead"))
+            return fut
+        batch_id = next(self._ids)
+        used: list[int] = []
+        try:
+            refs: list[SlotRef] = []
+            for it in items:
+                index, ref = self._slots.put(it.image)
+                used.append(index)
+                refs.append(ref)
+            self._conn.send(
+                (batch_id, refs, [it.camera_id for it in items], [it.recipe for it in items], masks)
+            )
+        except (OSError, ValueError, IndexError) as exc:
+            self._slots.release(used)
+            fut.set_exception(ModelError(f"cannot hand the batch to {self.name}: {exc!r}"))
+            return fut
+        self._pending[batch_id] = (fut, used)
+        self.inflight += 1
+        return fut
 
-    def kill(self) -> bool:
-        """Kill a hung worker; the blocked ``run`` then fails and the next one respawns it."""
+    def _readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while conn.poll():
+                kind, batch_id, payload = conn.recv()
+                self._answer(kind, batch_id, payload)
+        except (EOFError, OSError):
+            self._exited()
+
+    def _answer(self, kind: str, batch_id: int | None, payload: Any) -> None:
+        if batch_id is None:  # the load result
+            ready = self._ready_fut
+            if ready is not None and not ready.done():
+                if kind == "ready":
+                    ready.set_result(payload)
+                else:
+                    ready.set_exception(ModelError(f"inference worker could not load: {payload}"))
+            return
+        entry = self._pending.pop(batch_id, None)
+        if entry is None:
+            return
+        fut, used = entry
+        self.inflight -= 1
+        self._slots.release(used)
+        if fut.done():
+            return
+        if kind == "ok":
+            fut.set_result(payload)
+        else:
+            fut.set_exception(ModelError(str(payload)))
+
+    def _exited(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._ready = False
+        loop, proc, conn = self._loop, self._proc, self._conn
+        if loop is not None:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    self._readable_final(conn)
+                loop.remove_reader(conn.fileno())
+            if proc is not None:
+                loop.remove_reader(proc.sentinel)
+        code = proc.exitcode if proc is not None else None
+        if code is None and proc is not None:
+            with contextlib.suppress(Exception):
+                proc.join(0.05)
+                code = proc.exitcode
+        why = self._kill_reason or f"exited with code {code}"
+        err = ModelError(f"inference worker {self.name} died: {why}")
+        for fut, used in self._pending.values():
+            self._slots.release(used)
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        self.inflight = 0
+        if self._ready_fut is not None and not self._ready_fut.done():
+            self._ready_fut.set_exception(err)
+        if conn is not None:
+            conn.close()
+        self._conn = None
+        self._slots.close()
+        self._on_death(self, why)
+
+    def _readable_final(self, conn: Connection) -> None:
+        """Answers the worker sent just before it exited still count."""
+        while conn.poll():
+            kind, batch_id, payload = conn.recv()
+            self._answer(kind, batch_id, payload)
+
+    def kill(self, reason: str) -> bool:
         proc = self._proc
-        if proc is None or not proc.is_alive():
+        if proc is None or self._dead or proc.exitcode is not None:
             return False
+        self._kill_reason = reason
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
-        log.error("inference_process_killed", pid=proc.pid, reason="hung")
+        log.error("inference_process_killed", worker=self.name, pid=proc.pid, reason=reason)
         return True
 
-    def _reap(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        if self._proc is not None:
-            self._proc.join(1)
-        self._proc, self._conn = None, None
-
-    def close(self) -> None:
+    async def close(self, timeout_s: float = 2.0) -> None:
         proc, conn = self._proc, self._conn
-        if proc is None or conn is None:
+        if proc is None or self._dead:
+            self._slots.close()
             return
-        with contextlib.suppress(OSError, BrokenPipeError):
-            conn.send(None)
-        proc.join(2)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(2)
-        conn.close()
-        self._proc, self._conn = None, None
+        if conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+        end = time.monotonic() + timeout_s
+        while not self._dead and time.monotonic() < end:  # noqa: ASYNC110 - the sentinel ends it
+            await asyncio.sleep(0.01)
+        if not self._dead:
+            self._kill_reason = "closed"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            end = time.monotonic() + 2.0
+            while not self._dead and time.monotonic() < end:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        self._slots.close()
+
+
+# ---- thread workers (tests with injected faults; boxes where memory is very tight) ---------------
+
+
+class ThreadWorker:
+    """A worker thread over a detector owned by the daemon; a hung one cannot be killed."""
+
+    def __init__(
+        self,
+        name: str,
+        detector_factory: Callable[[], Detector],
+        rules: Mapping[int, DecisionRules],
+        *,
+        on_death: DeathCallback,
+    ) -> None:
+        self.name = name
+        self.inflight = 0
+        self._factory = detector_factory
+        self.rules = dict(rules)
+        self._on_death = on_death
+        self._detector: Detector | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._closed = threading.Event()
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return self._detector is not None and not self._closed.is_set()
+
+    async def start(self, timeout_s: float) -> ModelInfo:
+        loop = asyncio.get_running_loop()
+        try:
+            self._detector = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, self._factory), timeout_s
+            )
+        except TimeoutError:
+            raise ModelError(f"model did not load in {timeout_s:g}s") from None
+        return self._detector.info
+
+    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
+        loop = asyncio.get_running_loop()
+        det = self._detector
+        if det is None:
+            fut: asyncio.Future[BatchOutput] = loop.create_future()
+            fut.set_exception(ModelError(f"worker {self.name} has no model"))
+            return fut
+        self.inflight += 1
+        fut = loop.run_in_executor(self._pool, run_batch, det, self.rules, list(items), masks)
+
+        def done(_f: asyncio.Future[BatchOutput]) -> None:
+            self.inflight -= 1
+
+        fut.add_done_callback(done)
+        return fut
+
+    def kill(self, reason: str) -> bool:
+        return False  # a thread cannot be stopped; the deadline guard fail-safes its frames
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        det, self._detector = self._detector, None
+        if det is not None:
+            with contextlib.suppress(Exception):
+                det.close()

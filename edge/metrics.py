@@ -7,7 +7,12 @@ engineer needs to see how close to the edge the line runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _MS_BUCKETS = (
     1,
@@ -105,3 +110,48 @@ class Metrics:
         self.alarms = Gauge(
             "edge_plc_alarm_word", "Alarm bits last written to the PLC.", registry=r
         )
+
+
+class SnapshotCollector(Collector):
+    """Counters and gauges read at scrape time from state the daemon already keeps.
+
+    Camera workers, the spool and the inference pool count in their own objects (their threads
+    or processes own them); turning those totals into Prometheus counters at scrape time costs the
+    frame path nothing and can never drift from the source. `read()` runs on the HTTP thread and
+    must only read snapshots.
+    """
+
+    def __init__(self, read: Callable[[], Iterable[Sample]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        try:
+            samples = list(self._read())
+        except Exception:  # a scrape must never take anything down
+            return []
+        for s in samples:
+            fam = families.get(s.name)
+            if fam is None:
+                fam = (
+                    CounterMetricFamily(s.name, s.help, labels=list(s.labels))
+                    if s.kind == "counter"
+                    else GaugeMetricFamily(s.name, s.help, labels=list(s.labels))
+                )
+                families[s.name] = fam
+            fam.add_metric(list(s.labels.values()), s.value)
+        return list(families.values())
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    """Family name; counters without the ``_total`` suffix (prometheus_client adds it)."""
+    kind: str
+    """"counter" or "gauge"."""
+    help: str
+    labels: dict[str, str]
+    value: float

@@ -1,4 +1,4 @@
-"""The per-frame critical path: queue -> preprocess/infer/postprocess/decide -> PLC write -> spool.
+"""The per-frame critical path: admission -> inference pool -> decision -> PLC write -> spool.
 
 The invariant the product rests on: exactly one decision per frame reaches the PLC before
 ``capture + budget``, and nothing is ever written after it. Three mechanisms enforce it:
@@ -14,8 +14,10 @@ The invariant the product rests on: exactly one decision per frame reaches the P
 
 Overload never drops a frame silently: a frame that cannot be inferred in time (full queue, or a
 predicted completion past its deadline) is fail-safed at once, with the reason.
-CPU-heavy work (pre/post-processing, inference, the decision over masks) runs in a thread pool;
-the loop only moves small objects around, so the guard timers fire on time.
+
+Everything here runs on the event loop and is O(1) per frame: inference happens in worker
+processes (edge/pool.py), whose answers the loop receives without a thread hop; the loop only
+moves small objects, so the guard timers fire on time.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import asyncio
 import collections
 import contextlib
 import enum
+import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -36,11 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from camera.frame import Frame
 from edge.decision import Decision
-from edge.inference import BatchRunner
+from edge.inference import BatchItem, BatchOutput
+from edge.logs import Aggregator
 from edge.metrics import Metrics
 from edge.plcqueue import DeadlineOrderedLink
+from edge.pool import InferencePool, PoolModel
 from edge.stats import RunStats
-from models.types import Detection, ModelInfo
+from models.types import Detection
 from plc.record import (
     DecisionRecord,
     FailsafeReason,
@@ -63,17 +67,22 @@ class PipelineSettings(BaseModel):
     """Capture to PLC acknowledgement, hard limit."""
     failsafe_reserve_ms: float = Field(default=30.0, gt=0)
     """Time kept back before the deadline for writing the fail-safe."""
-    queue_size: int = Field(default=32, ge=1)
-    max_batch: int = Field(default=4, ge=1)
+    queue_size: int = Field(default=32, ge=1, le=4096)
+    max_batch: int = Field(default=4, ge=1, le=64)
     """Frames (from any camera) that may share one inference batch."""
-    workers: int = Field(default=1, ge=1, le=16)
-    """Inference threads; each runs whole batches."""
+    workers: int | Literal["auto"] = 1
+    """Inference worker processes; "auto" = the CPUs this process may use divided by the
+    model's intra-op threads (at least 1)."""
+    worker_depth: int = Field(default=2, ge=1, le=8)
+    """Batches handed to one worker ahead of time, so it never idles waiting for the pipe."""
     admission_control: bool = True
     """Fail-safe at once a frame whose predicted completion is past its deadline."""
     model_hang_s: float = Field(default=2.0, gt=0)
-    """An inference call running this long marks the model down (alarm) until it returns."""
+    """A batch running this long is hung: its worker is killed and respawned."""
     model_error_threshold: int = Field(default=3, ge=1)
-    """Consecutive inference errors that mark the model down."""
+    """Consecutive failed batches that open the model breaker (model down, probed later)."""
+    model_load_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    """A worker that has not loaded its model by then is killed (and retried with backoff)."""
     isolation: Literal["process", "thread"] = "process"
     """Inference in worker processes (a hung model is killed and respawned, and decode never
     competes with the deadline timers for the GIL) or in threads of the daemon."""
@@ -83,6 +92,14 @@ class PipelineSettings(BaseModel):
     def model_post_init(self, _context: object) -> None:
         if self.failsafe_reserve_ms >= self.budget_ms:
             raise ValueError("failsafe_reserve_ms must be smaller than budget_ms")
+        if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
+            raise ValueError("workers must be between 1 and 64, or 'auto'")
+
+    def worker_count(self, intra_op_threads: int) -> int:
+        if isinstance(self.workers, int):
+            return self.workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cpus or 1) // max(1, intra_op_threads))
 
 
 class EventSink(Protocol):
@@ -103,92 +120,74 @@ class Job:
     slot: int
     deadline_ns: int
     received_ns: int
+    recipe: int = 0
     state: JobState = JobState.QUEUED
     claimed: bool = False
-    sequence: int = 0
+    sequence: int | None = None
     guard: asyncio.TimerHandle | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
     decision: Decision | None = None
 
 
-class ModelHolder:
-    """The loaded model: one batch runner per inference worker, swapped atomically on reload."""
-
-    def __init__(
-        self, runners: Sequence[BatchRunner], info: ModelInfo | None, plc_model_id: int
-    ) -> None:
-        self.runners = list(runners)
-        self.info = info
-        self.plc_model_id = plc_model_id
-
-    @property
-    def available(self) -> bool:
-        return bool(self.runners)
-
-    @property
-    def model_id(self) -> str:
-        return self.info.model_id if self.info else "none"
-
-    def close(self) -> None:
-        for runner in {id(r): r for r in self.runners}.values():
-            with contextlib.suppress(Exception):
-                runner.close()
-
-    @classmethod
-    def empty(cls) -> ModelHolder:
-        return cls([], None, 0)
+RecipeOf = Callable[[Frame], "int | None"]
+"""The recipe a frame is decided by (None: the PLC selected one the config does not define)."""
 
 
 class Pipeline:
     """Owns the frames from admission to the PLC acknowledgement.
 
     ``plc`` is the daemon's DeadlineOrderedLink (it orders requests and assigns sequence numbers).
+    ``pool`` and ``model`` may be swapped between batches (a model activation); frames already
+    in flight finish on the pool that took them.
     """
 
     def __init__(
         self,
         settings: PipelineSettings,
         line: str,
-        model: ModelHolder,
+        pool: InferencePool | None,
+        model: PoolModel | None,
         plc: DeadlineOrderedLink,
         sink: EventSink | None,
         metrics: Metrics,
         stats: RunStats,
         camera_slots: dict[str, int],
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        recipe_of: RecipeOf | None = None,
     ) -> None:
         self.settings = settings
         self.line = line
+        self.pool = pool
         self.model = model
         self.plc = plc
         self.sink = sink
         self.metrics = metrics
         self.stats = stats
         self.camera_slots = camera_slots
+        self.recipe_of: RecipeOf = recipe_of or (lambda _f: 0)
         self._clock_ns = clock_ns
         self._budget_ns = int(settings.budget_ms * _MS)
         self._reserve_ns = int(settings.failsafe_reserve_ms * _MS)
         self._queue: collections.deque[Job] = collections.deque()
-        self._queue_ready = asyncio.Event()
-        self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="infer")
-        self._workers: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight: set[Job] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._service_ns = 0.0
-        """EWMA of one batch's service time, for admission control."""
-        self._busy_since: dict[int, int] = {}
-        self._consecutive_errors = 0
-        self.model_up = model.available
-        self.last_failsafe_ns = 0
         self._accepting = True
+        self._inferring = 0
+        self.last_failsafe_ns = 0
+        self.last_frame_ns = 0
+        self.last_real_verdict_ns = 0
+        self.started_ns = clock_ns()
+        self._miss_log = Aggregator("deadline_miss")
+        self._failsafe_log = Aggregator("failsafe", level="info")
+        if pool is not None:
+            pool.on_capacity = self._dispatch
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        for i in range(self.settings.workers):
-            self._workers.append(asyncio.create_task(self._worker(i), name=f"infer-worker-{i}"))
+        """Kept for symmetry with close(); dispatch is event-driven (no worker tasks)."""
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Stop accepting frames and wait until every in-flight frame has its decision written.
@@ -206,25 +205,40 @@ class Pipeline:
             return False
 
     async def close(self) -> None:
-        for w in self._workers:
-            w.cancel()
-        for w in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await w
         for t in list(self._tasks):
             t.cancel()
-        # A hung inference thread cannot be interrupted; don't wait for it on shutdown.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.flush_logs()
+
+    def flush_logs(self) -> None:
+        """Periodic: emit the aggregated per-frame warnings of the last interval."""
+        self._miss_log.flush()
+        self._failsafe_log.flush()
+
+    def swap_model(self, pool: InferencePool, model: PoolModel) -> InferencePool | None:
+        """Route new batches to `pool` from now on; returns the previous pool (still draining)."""
+        old = self.pool
+        self.pool, self.model = pool, model
+        pool.on_capacity = self._dispatch
+        if old is not None and old is not pool:
+            old.on_capacity = lambda: None
+        self._dispatch()
+        return old
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def model_busy_for_s(self) -> float:
-        """Longest time an inference call has been running (0 if none): the hang detector."""
-        if not self._busy_since:
+    @property
+    def model_up(self) -> bool:
+        return self.pool is not None and self.pool.up
+
+    def seconds_without_real_verdict(self) -> float:
+        """How long frames have arrived without one real verdict (0 when none are arriving)."""
+        now = self._clock_ns()
+        if not self.last_frame_ns or now - self.last_frame_ns > 2 * self._budget_ns:
             return 0.0
-        return (self._clock_ns() - min(self._busy_since.values())) / 1e9
+        since = max(self.last_real_verdict_ns, self.started_ns)
+        return max(0.0, (now - since) / 1e9)
 
     # ---- admission (event loop) ----------------------------------------------------------
 
@@ -235,38 +249,75 @@ class Pipeline:
         job = Job(frame, slot, frame.captured_ns + self._budget_ns, now)
         self.metrics.frames.labels(frame.camera_id).inc()
         self.stats.frames += 1
+        self.stats.per_camera_frames[frame.camera_id] += 1
+        self.last_frame_ns = now
         self._track(job)
-        if not self._accepting:
-            self._spawn(self._finish_failsafe(job, FailsafeReason.SHUTDOWN))
-            return
-        if job.deadline_ns - now <= self._reserve_ns:
-            self._spawn(self._finish_failsafe(job, FailsafeReason.LATE_ARRIVAL))
-            return
-        if not self.model_up or not self.model.available:
-            self._spawn(self._finish_failsafe(job, FailsafeReason.MODEL_DOWN))
-            return
-        if len(self._queue) >= self.settings.queue_size:
-            self._spawn(self._finish_failsafe(job, FailsafeReason.QUEUE_FULL))
-            return
-        if self.settings.admission_control and self._predicted_done_ns(now) > (
-            job.deadline_ns - self._reserve_ns
-        ):
-            self._spawn(self._finish_failsafe(job, FailsafeReason.OVERLOAD))
+        reason = self._refusal(job, now)
+        if reason is not None:
+            self._spawn(self._finish_failsafe(job, reason))
             return
         loop = asyncio.get_running_loop()
-        fire_at = (job.deadline_ns - self._reserve_ns) / 1e9
-        job.guard = loop.call_at(fire_at, self._guard_fired, job)
+        job.guard = loop.call_at((job.deadline_ns - self._reserve_ns) / 1e9, self._guard_fired, job)
         self._queue.append(job)
+        self._dispatch()
         self.metrics.queue_depth.set(len(self._queue))
-        self._queue_ready.set()
 
-    def _predicted_done_ns(self, now: int) -> float:
-        """When a frame enqueued now would be decided, from the measured batch service time."""
-        if self._service_ns <= 0:
+    def fail_part(self, camera_id: str, part_id: int, reason: FailsafeReason,
+                  captured_ns: int | None = None) -> None:
+        """A part that will never have a frame (a missed or lost trigger): its fail-safe record.
+
+        The deadline counts from when the part was announced (`captured_ns`, default now).
+        """
+        now = self._clock_ns()
+        frame = Frame(
+            camera_id=camera_id,
+            frame_id=-1,
+            part_id=part_id,
+            captured_ns=captured_ns or now,
+            captured_wall_ns=time.time_ns() - (now - (captured_ns or now)),
+            image=np.zeros((1, 1), np.uint8),
+            pixel_format="none",
+        )
+        job = Job(frame, self.camera_slots[camera_id], frame.captured_ns + self._budget_ns, now)
+        self.metrics.frames.labels(camera_id).inc()
+        self.stats.frames += 1
+        self.stats.per_camera_frames[camera_id] += 1
+        self._track(job)
+        self._spawn(self._finish_failsafe(job, reason))
+
+    def _refusal(self, job: Job, now: int) -> FailsafeReason | None:
+        """Why this frame is fail-safed at admission, or None to infer it."""
+        if not self._accepting:
+            return FailsafeReason.SHUTDOWN
+        if job.deadline_ns - now <= self._reserve_ns:
+            return FailsafeReason.LATE_ARRIVAL
+        if getattr(job.frame, "problem", None):
+            return FailsafeReason.BAD_FRAME
+        recipe = self.recipe_of(job.frame)
+        if recipe is None:
+            return FailsafeReason.RECIPE_UNKNOWN
+        job.recipe = recipe
+        pool = self.pool
+        if pool is None or not pool.admits():
+            return FailsafeReason.MODEL_DOWN
+        if len(self._queue) >= self.settings.queue_size:
+            return FailsafeReason.QUEUE_FULL
+        if (
+            self.settings.admission_control
+            and not (not self._queue and pool.idle())  # an idle worker: a probe, never refused
+            and self._predicted_done_ns(pool, now) > job.deadline_ns - self._reserve_ns
+        ):
+            return FailsafeReason.OVERLOAD
+        return None
+
+    def _predicted_done_ns(self, pool: InferencePool, now: int) -> float:
+        """When a frame enqueued now would be decided, from the workers' measured frame time."""
+        per_frame = pool.per_frame_ns()
+        if per_frame <= 0:
             return now
-        batches_ahead = len(self._queue) // self.settings.max_batch + 1
-        rounds = -(-batches_ahead // self.settings.workers)
-        return now + rounds * self._service_ns
+        workers = max(1, len(pool.ready_workers))
+        ahead = len(self._queue) + self._inferring
+        return now + (ahead / workers + 1) * per_frame
 
     def _track(self, job: Job) -> None:
         self._inflight.add(job)
@@ -294,88 +345,60 @@ class Pipeline:
             if job.state is JobState.QUEUED
             else FailsafeReason.INFERENCE_TIMEOUT
         )
-        with contextlib.suppress(ValueError):
-            self._queue.remove(job)
+        if job.state is JobState.QUEUED:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)  # O(queue) only on the rare guard path
         self.metrics.queue_depth.set(len(self._queue))
         self._spawn(self._finish_failsafe(job, reason))
 
-    # ---- inference workers ---------------------------------------------------------------------
+    # ---- dispatch to the inference pool ---------------------------------------------------
 
-    async def _worker(self, index: int) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                self._queue_ready.clear()
-                await self._queue_ready.wait()
+    def _dispatch(self) -> None:
+        """Hand queued frames to workers with room; called on submit and when a batch ends."""
+        pool, model = self.pool, self.model
+        if pool is None or model is None:
+            return
+        while self._queue and pool.has_capacity():
             batch: list[Job] = []
             while self._queue and len(batch) < self.settings.max_batch:
                 job = self._queue.popleft()
                 if not job.claimed:
-                    job.state = JobState.INFERRING
                     batch.append(job)
-            self.metrics.queue_depth.set(len(self._queue))
             if not batch:
-                continue
-            holder = self.model
-            if not holder.available:
-                for job in batch:
-                    self._spawn(self._finish_failsafe(job, FailsafeReason.MODEL_DOWN))
-                continue
+                break
             start = self._clock_ns()
+            self._inferring += len(batch)
             for job in batch:
+                job.state = JobState.INFERRING
                 job.stages_ms["queue"] = (start - job.received_ns) / _MS
-            self._busy_since[index] = start
-            try:
-                runner = holder.runners[index % len(holder.runners)]
-                out = await loop.run_in_executor(
-                    self._executor, runner.run, [j.frame for j in batch], self.settings.masks
-                )
-            except Exception as exc:
-                self._on_model_error(exc)
-                for job in batch:
-                    self._spawn(self._finish_failsafe(job, FailsafeReason.MODEL_ERROR))
-                continue
-            finally:
-                self._busy_since.pop(index, None)
-            elapsed = self._clock_ns() - start
-            self._service_ns = (
-                elapsed if self._service_ns <= 0 else 0.8 * self._service_ns + 0.2 * elapsed
+            fut = pool.submit(
+                [BatchItem(j.frame.image, j.frame.camera_id, j.recipe) for j in batch],
+                self.settings.masks,
             )
-            self._consecutive_errors = 0
-            if not self.model_up:
-                log.info("model_up", model=holder.model_id)
-            self.model_up = True
-            self.metrics.batch_size.observe(len(batch))
-            for job, decision in zip(batch, out.decisions, strict=True):
-                job.stages_ms.update(out.stages_ms)
-                job.decision = decision
-                if job.claimed:
-                    self.metrics.late_results.labels(job.frame.camera_id).inc()
-                    self.stats.late_results += 1
-                    continue
-                self._spawn(self._finish(job, decision.verdict, FailsafeReason.NONE, holder))
+            fut.add_done_callback(
+                lambda f, jobs=batch, m=model: self._batch_done(f, jobs, m)  # type: ignore[misc]
+            )
+        self.metrics.queue_depth.set(len(self._queue))
 
-    def _on_model_error(self, exc: BaseException) -> None:
-        self._consecutive_errors += 1
-        log.error("inference_failed", error=repr(exc), consecutive=self._consecutive_errors)
-        if self._consecutive_errors >= self.settings.model_error_threshold and self.model_up:
-            self.model_up = False
-            log.error("model_down", reason="consecutive inference errors")
-
-    def mark_model_up(self) -> None:
-        """After a successful reload: accept frames for inference again."""
-        self._consecutive_errors = 0
-        self.model_up = self.model.available
-
-    def kill_hung(self, busy_s: float) -> int:
-        """Kill the worker processes busy for longer than `busy_s`; they respawn on next use."""
-        now = self._clock_ns()
-        killed = 0
-        runners = self.model.runners
-        for index, since in list(self._busy_since.items()):
-            if runners and (now - since) / 1e9 > busy_s:
-                killed += runners[index % len(runners)].kill()
-        return killed
+    def _batch_done(
+        self, fut: asyncio.Future[BatchOutput], batch: list[Job], model: PoolModel
+    ) -> None:
+        self._inferring -= len(batch)
+        if fut.cancelled() or fut.exception() is not None:
+            for job in batch:
+                if not job.claimed:
+                    self._spawn(self._finish_failsafe(job, FailsafeReason.MODEL_ERROR))
+            return
+        out = fut.result()
+        self.metrics.batch_size.observe(len(batch))
+        for job, decision in zip(batch, out.decisions, strict=True):
+            job.stages_ms.update(out.stages_ms)
+            job.decision = decision
+            if job.claimed:
+                self.metrics.late_results.labels(job.frame.camera_id).inc()
+                self.stats.late_results += 1
+                continue
+            self._spawn(self._finish(job, decision.verdict, FailsafeReason.NONE, model))
 
     # ---- finishing: claim, write, account ----------------------------------------------------
 
@@ -383,7 +406,7 @@ class Pipeline:
         await self._finish(job, Verdict.FAILSAFE_REJECT, reason, self.model)
 
     async def _finish(
-        self, job: Job, verdict: Verdict, reason: FailsafeReason, holder: ModelHolder
+        self, job: Job, verdict: Verdict, reason: FailsafeReason, model: PoolModel | None
     ) -> None:
         if job.claimed:
             return
@@ -395,16 +418,22 @@ class Pipeline:
             decided_ns = self._clock_ns()
             failsafe = verdict is Verdict.FAILSAFE_REJECT
             write_deadline = job.deadline_ns if failsafe else job.deadline_ns - self._reserve_ns
-            record = self._record(job, verdict, reason, decided_ns, holder)
+            record = self._record(job, verdict, reason, decided_ns, model)
             result = await self._write(record, write_deadline)
             if not failsafe and result.outcome in (WriteOutcome.FAILED, WriteOutcome.DROPPED_LATE):
                 # The real verdict did not reach the PLC and definitely was not applied: use the
                 # reserve for the fail-safe (it goes out under the same, unconsumed, sequence).
                 verdict, reason = Verdict.FAILSAFE_REJECT, FailsafeReason.PLC_RETRY
-                record = self._record(job, verdict, reason, decided_ns, holder)
+                record = self._record(job, verdict, reason, decided_ns, model)
                 result = await self._write(record, job.deadline_ns)
-            job.sequence = result.sequence or 0
-            self._account(job, verdict, reason, decided_ns, result, holder)
+            # Only a write that may have been applied carries its sequence (the EDF queue does
+            # not consume one for a write that definitely failed).
+            job.sequence = (
+                result.sequence
+                if result.outcome in (WriteOutcome.ACKED, WriteOutcome.UNKNOWN)
+                else None
+            )
+            self._account(job, verdict, reason, decided_ns, result, model)
         except Exception:
             log.exception("finish_failed", camera=job.frame.camera_id, frame=job.frame.frame_id)
             self.stats.record_miss(job.frame.camera_id, "internal_error")
@@ -436,7 +465,7 @@ class Pipeline:
         verdict: Verdict,
         reason: FailsafeReason,
         decided_ns: int,
-        holder: ModelHolder,
+        model: PoolModel | None,
     ) -> DecisionRecord:
         deciding = job.decision.deciding if job.decision and verdict is Verdict.DEFECT else None
         return DecisionRecord(
@@ -447,8 +476,9 @@ class Pipeline:
             defect_class=deciding.class_id + 1 if deciding else 0,
             score_permille=round(deciding.score * 1000) if deciding else 0,
             latency_ms=min(65535, (decided_ns - job.frame.captured_ns) // _MS),
-            model_id=holder.plc_model_id & 0xFFFF,
+            model_id=(model.plc_model_id if model else 0) & 0xFFFF,
             reason=int(reason),
+            recipe=job.recipe & 0xFFFF,
         )
 
     def _account(
@@ -458,7 +488,7 @@ class Pipeline:
         reason: FailsafeReason,
         decided_ns: int,
         result: WriteResult,
-        holder: ModelHolder,
+        model: PoolModel | None,
     ) -> None:
         cam = job.frame.camera_id
         reason_name = reason.name.lower() if reason else "none"
@@ -466,6 +496,7 @@ class Pipeline:
             self.metrics.failsafes.labels(cam, reason_name).inc()
             self.stats.failsafes[reason_name] += 1
             self.last_failsafe_ns = decided_ns
+            self._failsafe_log.note(reason_name, camera=cam, part=job.frame.part_id)
         on_time = (
             result.outcome is WriteOutcome.ACKED
             and result.acked_ns is not None
@@ -480,6 +511,8 @@ class Pipeline:
             self.metrics.e2e_latency.labels(cam).observe(e2e_ms)
             self.metrics.verdicts.labels(cam, verdict.name, reason_name).inc()
             self.stats.record_verdict(cam, verdict.name, e2e_ms)
+            if verdict is not Verdict.FAILSAFE_REJECT:
+                self.last_real_verdict_ns = result.acked_ns
             for stage, ms in job.stages_ms.items():
                 if stage not in ("total", "decided"):
                     self.metrics.stage_latency.labels(stage).observe(ms)
@@ -487,18 +520,15 @@ class Pipeline:
         else:
             self.metrics.deadline_misses.labels(cam, result.outcome.value).inc()
             self.stats.record_miss(cam, result.outcome.value)
-            log.warning(
-                "deadline_miss",
+            self._miss_log.note(
+                f"{result.outcome.value}/{reason_name}",
                 camera=cam,
-                frame=job.frame.frame_id,
                 part=job.frame.part_id,
                 verdict=verdict.name,
-                reason=reason_name,
-                outcome=result.outcome.value,
                 detail=result.detail,
             )
         if self.sink is not None:
-            self._emit(job, verdict, reason_name, decided_ns, result, holder)
+            self._emit(job, verdict, reason_name, decided_ns, result, model)
 
     def _emit(
         self,
@@ -507,7 +537,7 @@ class Pipeline:
         reason_name: str,
         decided_ns: int,
         result: WriteResult,
-        holder: ModelHolder,
+        model: PoolModel | None,
     ) -> None:
         frame = job.frame
         wall0, mono0 = frame.captured_wall_ns, frame.captured_ns
@@ -526,14 +556,17 @@ class Pipeline:
             reason=reason_name
             if verdict is Verdict.FAILSAFE_REJECT
             else (job.decision.reason if job.decision else "none"),
-            model_id=holder.model_id,
+            model_id=model.model_id if model else "none",
+            model_digest=model.digest if model else None,
+            recipe=job.recipe,
             detections=[_detection_dict(d) for d in counted],
             latency_ms={k: round(v, 3) for k, v in job.stages_ms.items()},
             plc_outcome=result.outcome.value,
         )
         assert self.sink is not None
+        image = frame.image if frame.frame_id >= 0 else None
         try:
-            accepted = self.sink.submit(event, frame.image)
+            accepted = self.sink.submit(event, image)
         except Exception as exc:
             log.error("spool_submit_raised", error=repr(exc))
             accepted = False

@@ -6,7 +6,9 @@ comments in the line's YAML are documentation of why a value is what it is.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +39,15 @@ def update_yaml(path: Path, updates: Sequence[tuple[Sequence[str | int], Any]]) 
         for key in reversed(keys[i + 1 :]):  # build what is missing, then insert it once
             new = CommentedMap({key: new})
         _append(node, keys[i], new)
+    st = path.stat()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".yaml")
     try:
+        # mkstemp makes the file 0600 and ours: keep the line YAML's mode and owner, or the
+        # service user may no longer read it at the next restart (exit 2).
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, st.st_uid, st.st_gid)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yaml.dump(doc, f)
             f.flush()

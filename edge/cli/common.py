@@ -27,11 +27,11 @@ def fail(msg: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_or_exit(path: Path | None) -> LineConfig:
+def load_or_exit(path: Path | None, *, deep: bool = True) -> LineConfig:
     """The line config at `path` (the demo when None), or every problem printed and exit 2."""
     path = path or DEMO_CONFIG
     try:
-        return load_config(path)
+        return load_config(path, deep=deep)
     except ConfigError as exc:
         typer.echo(f"config error in {exc.path}:", err=True)
         for problem in exc.problems:

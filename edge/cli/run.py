@@ -16,12 +16,22 @@ from edge.cli.common import ConfigOpt, load_or_exit
 config_app = typer.Typer(help="Validate line configs.", no_args_is_help=True)
 
 @config_app.command("check")
-def config_check(file: Annotated[Path, typer.Argument(help="Line YAML to validate.")]) -> None:
-    """Validate FILE; print every problem with its key path; exit 2 if there is any."""
-    cfg = load_or_exit(file)
+def config_check(
+    file: Annotated[Path, typer.Argument(help="Line YAML to validate.")],
+    schema_only: Annotated[
+        bool,
+        typer.Option(
+            "--schema-only",
+            help="Only the schema (for a template checked away from its line PC): skip the "
+            "model package, files, PLC map and secrets that `edge run` also checks.",
+        ),
+    ] = False,
+) -> None:
+    """Validate FILE as `edge run` would; print every problem with its key path; exit 2 if any."""
+    cfg = load_or_exit(file, deep=not schema_only)
     typer.echo(
         f"{file}: OK (line {cfg.line}, {len(cfg.cameras)} camera(s), plc {cfg.plc.type}, "
-        f"model {cfg.model.package})"
+        f"model {cfg.model.package})" + (" [schema only]" if schema_only else "")
     )
 
 
@@ -36,28 +46,28 @@ def run(
 ) -> None:
     """Run the line daemon (the demo when no --config is given)."""
     from edge.config import DEMO_CONFIG
-    from edge.daemon import run_daemon
+    from edge.daemon import install_early_signal_handlers, run_daemon
     from edge.logs import configure_logging, under_systemd
 
+    install_early_signal_handlers()
     path = config or DEMO_CONFIG
     cfg = load_or_exit(path)
-    configure_logging(cfg.logging.level, cfg.logging.format)
+    configure_logging(cfg.logging.level, cfg.logging.format, capture_stderr=True)
     tty = sys.stderr.isatty() and not under_systemd()
     code, daemon = run_daemon(cfg, path, duration, status_line=tty)
-    summary = daemon.stats.summary()
+    summary = daemon.summary()
     summary["exit_reason"] = daemon.exit_reason
     summary["exit_code"] = int(code)
-    if daemon.plc_sim is not None:
-        c = daemon.plc_sim.counters()
-        summary["plc_simulator"] = {
-            "records_received": c.records_received,
-            "sequence_gaps": c.sequence_gaps,
-            "heartbeats_received": c.heartbeats_received,
-        }
     typer.echo(format_summary(summary))
     if json_summary:
         json_summary.write_text(json.dumps(summary, indent=2, default=str))
     raise typer.Exit(int(code))
+
+
+_CAMERA_LOSSES = (
+    "missed", "lost_triggers", "bad_files", "refused_frames", "downscaled_frames", "reopens",
+    "stalls",
+)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -76,6 +86,12 @@ def format_summary(s: dict[str, Any]) -> str:
     for stage, st in s["stages_ms"].items():
         lines.append(
             f"  {stage:<12} p50 {st['p50']:7.2f}  p99 {st['p99']:7.2f}  max {st['max']:7.2f}"
+        )
+    for cam, st in (s.get("cameras") or {}).items():
+        losses = {k: st.get(k) for k in _CAMERA_LOSSES if st.get(k)}
+        lines.append(
+            f"camera {cam}: {st.get('frames', 0)} frames"
+            + (f", LOST/REFUSED {losses}" if losses else ", none lost")
         )
     if s.get("plc_simulator"):
         lines.append(f"plc simulator: {s['plc_simulator']}")

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,8 +34,9 @@ class PlcProcess:
 
 
 def mbpoll_record(port: int, slot: int) -> dict[str, int]:
-    """Decode a record per docs/plc-register-map.md (big-endian words, high word first)."""
-    w = mbpoll_read(port, RECORD_BASE + slot * RECORD_STRIDE, 10)
+    """Decode a v2 record by hand per docs/plc-register-map.md (big-endian words, high word
+    first), from registers read by mbpoll: independent of the project's own decoder."""
+    w = mbpoll_read(port, RECORD_BASE + slot * RECORD_STRIDE, 12)
     return {
         "part_id": w[0] << 16 | w[1],
         "verdict": w[2],
@@ -43,7 +45,8 @@ def mbpoll_record(port: int, slot: int) -> dict[str, int]:
         "latency_ms": w[5],
         "model_id": w[6],
         "reason": w[7],
-        "sequence": w[8] << 16 | w[9],
+        "recipe": w[8],
+        "sequence": w[10] << 16 | w[11],
     }
 
 
@@ -93,3 +96,13 @@ def demo_package() -> Path:
         f"the bundled demo model is missing at {DEMO_PACKAGE}; scripts/make_demo_model.sh makes it"
     )
     return DEMO_PACKAGE
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Any]:
+    """A stand-in for systemd's notify socket (tests.core.harness.NotifySocket)."""
+    from tests.core.harness import NotifySocket  # harness imports this module's paths
+
+    n = NotifySocket(tmp_path / "notify.sock")
+    yield n
+    n.close()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from camera.frame import Frame
+from edge.decision import DecisionRules, DecisionSettings
+from edge.inference import ThreadWorker, Worker
+from edge.pool import InferencePool, PoolModel
 from models.types import Detection, ModelError, ModelInfo, Prepared
 from plc.record import Alarm, DecisionRecord, WriteOutcome, WriteResult
 
@@ -116,3 +119,27 @@ def make_frame(camera: str, frame_id: int, *, age_ms: float = 0.0) -> Frame:
         image=np.zeros((48, 64), np.uint8),
         pixel_format="Mono8",
     )
+
+
+async def thread_pool(
+    det: FakeDetector | object,
+    *,
+    workers: int = 1,
+    depth: int = 2,
+    hang_s: float = 2.0,
+    error_threshold: int = 3,
+    plc_model_id: int = 7,
+) -> tuple[InferencePool, PoolModel]:
+    """An inference pool of thread workers over one in-process detector (unit tests)."""
+    info = det.info  # type: ignore[attr-defined]
+    rules = {0: DecisionRules(DecisionSettings(), info.classes)}
+
+    def factory(name: str, on_death: Callable[[Worker, str], None]) -> Worker:
+        return ThreadWorker(name, lambda: det, rules, on_death=on_death)  # type: ignore[arg-type,return-value]
+
+    pool = InferencePool(
+        "test", factory, workers=workers, depth=depth, hang_s=hang_s,
+        error_threshold=error_threshold,
+    )
+    started = await pool.start()
+    return pool, PoolModel(started, plc_model_id, "0" * 64)

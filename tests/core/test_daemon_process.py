@@ -6,138 +6,32 @@ mbpoll after the daemon is gone); the spool is read with sqlite3 directly.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from ruamel.yaml import YAML
 
 from plc.record import Verdict
 from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record
+from tests.core.harness import (
+    EDGE,
+    NotifySocket,
+    assert_each_frame_decided_once,
+    inference_children,
+    line_yaml,
+    running_daemon,
+)
 from tests.support import mbpoll_read, wait_until
-
-EDGE = [sys.executable, "-m", "edge"]
-
-
-def line_yaml(tmp: Path, plc_port: int, package: Path, **over: Any) -> Path:
-    cfg: dict[str, Any] = {
-        "line": "test-line",
-        "cameras": [
-            {
-                "id": "cam0",
-                "type": "replay",
-                "plc_slot": 0,
-                "path": str(DEMO_SAMPLES),
-                "fps": 30,
-                "loop": True,
-            }
-        ],
-        "model": {"package": str(package), "intra_op_threads": 1},
-        "plc": {"type": "modbus", "host": "127.0.0.1", "port": plc_port},
-        "uplink": {"spool_dir": str(tmp / "spool"), "quota_mb": 64},
-        "status": {"heartbeat_ms": 100},
-        "observability": {"port": 0},
-        "logging": {"format": "json"},
-    }
-    cfg.update(over)
-    path = tmp / "line.yaml"
-    with path.open("w") as f:
-        YAML().dump(cfg, f)
-    return path
-
-
-class NotifySocket:
-    """A stand-in for systemd's notify socket: records every datagram the daemon sends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = False
-        self._t = threading.Thread(target=self._recv, daemon=True)
-        self._t.start()
-
-    def _recv(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def seen(self, prefix: str) -> list[float]:
-        return [t for t, m in self.messages for part in m.split("\n") if part.startswith(prefix)]
-
-    def close(self) -> None:
-        self._stop = True
-        self._t.join(2)
-        self.sock.close()
-
-
-class DaemonProc:
-    def __init__(self, config: Path, env: dict[str, str], summary: Path) -> None:
-        self.lines: list[dict[str, Any]] = []
-        self.proc = subprocess.Popen(
-            [*EDGE, "run", "--config", str(config), "--summary-json", str(summary)],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
-        self._t = threading.Thread(target=self._pump, daemon=True)
-        self._t.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                self.lines.append(json.loads(raw))
-            except ValueError:
-                continue
-
-    def event(self, name: str) -> dict[str, Any] | None:
-        return next((rec for rec in self.lines if rec.get("event") == name), None)
-
-
-@contextlib.contextmanager
-def running_daemon(
-    config: Path, tmp: Path, env: dict[str, str] | None = None
-) -> Iterator[DaemonProc]:
-    """`edge run` started and ready; killed by its PID if the test leaves it running."""
-    d = DaemonProc(config, env if env is not None else dict(os.environ), tmp / "summary.json")
-    try:
-        wait_until(lambda: d.event("daemon_ready") is not None, 60, "daemon_ready")
-        yield d
-    finally:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait(5)
-
-
-@pytest.fixture
-def notify(tmp_path: Path):
-    n = NotifySocket(tmp_path / "notify.sock")
-    yield n
-    n.close()
 
 
 def test_sigterm_drains_and_everything_is_accounted(
@@ -164,12 +58,13 @@ def test_sigterm_drains_and_everything_is_accounted(
     assert rc == 0, d.lines[-5:]
     s = json.loads(summary_path.read_text())
     assert s["exit_reason"] == "SIGTERM"
-    assert s["frames"] == s["decided"] > 0, s
-    assert s["deadline_misses"] == 0, [x for x in d.lines if x.get("event") == "deadline_miss"]
-    # The PLC saw exactly one record per frame, in sequence, and mbpoll reads the last one.
-    wait_until(lambda: len(plc.records) >= s["decided"], 5, "the server's record log")
-    assert [seq for _c, seq, _p, _v in plc.records] == list(range(1, s["decided"] + 1))
-    assert mbpoll_record(plc.port, 0)["sequence"] == s["decided"]
+    assert s["decided"] > 0
+    assert_each_frame_decided_once(s, plc.records)
+    # The PLC saw one record per frame that went out, in sequence; mbpoll reads the last one.
+    sent = s["decided"] - s["misses_by_outcome"].get("dropped_late", 0)
+    wait_until(lambda: len(plc.records) >= sent, 5, "the server's record log")
+    assert [seq for _c, seq, _p, _v in plc.records] == list(range(1, len(plc.records) + 1))
+    assert mbpoll_record(plc.port, 0)["sequence"] == len(plc.records)
     # Every decided part is in the spool (flushed on shutdown).
     db = next((tmp_path / "spool").glob("*.db"))
     with sqlite3.connect(db) as conn:
@@ -228,15 +123,26 @@ def test_config_check_rejects_malformed_yaml(tmp_path: Path, text: str, expected
 
 
 def test_shipped_configs_are_valid() -> None:
-    for name in ("demo.yaml", "line.example.yaml"):
-        r = subprocess.run(
-            [*EDGE, "config", "check", str(ROOT / "configs" / name)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "EDGE_S3_SECRET_KEY": "x", "EDGE_S3_ACCESS_KEY": "x"},
-        )
-        assert r.returncode == 0, r.stderr
+    """The demo passes the full check here; the line example is a template for a plant, so only
+    its schema is checked here, and the full check names what this box lacks."""
+    env = {**os.environ, "EDGE_S3_SECRET_KEY": "x", "EDGE_S3_ACCESS_KEY": "x"}
+    demo = subprocess.run(
+        [*EDGE, "config", "check", str(ROOT / "configs" / "demo.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert demo.returncode == 0, demo.stderr
+    example = ROOT / "configs" / "line.example.yaml"
+    schema = subprocess.run(
+        [*EDGE, "config", "check", "--schema-only", str(example)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert schema.returncode == 0, schema.stderr
+    full = subprocess.run(
+        [*EDGE, "config", "check", str(example)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert full.returncode == 2
+    assert "model.package:" in full.stderr and "cameras[0].cti[0]:" in full.stderr
 
 
 def test_runtime_import_path_has_no_torch_or_ultralytics() -> None:
@@ -297,7 +203,7 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["frames"] == s["decided"] and s["deadline_misses"] == 0
+    assert_each_frame_decided_once(s, plc.records)
 
 
 def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None:
@@ -322,7 +228,9 @@ def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None
 def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
     tmp_path: Path, plc: PlcProcess, demo_package: Path
 ) -> None:
-    images = tmp_path / "images"  # does not exist yet: the camera cannot open
+    images = tmp_path / "images"  # nothing decodable yet: the camera cannot open
+    images.mkdir()
+    (images / "00_broken.png").write_bytes(b"not a png")
     config = line_yaml(tmp_path, plc.port, demo_package)
     text = config.read_text().replace(str(DEMO_SAMPLES), str(images))
     config.write_text(text.replace("loop: true", "loop: true\n  reopen_backoff_max_s: 0.5"))
@@ -344,7 +252,7 @@ def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
         assert health["components"]["camera:cam0"]["up"] is False
         assert "CAMERA_DOWN" in health["alarms"]
         # The camera comes back: frames flow, the alarm clears.
-        shutil.copytree(DEMO_SAMPLES, images)
+        shutil.copytree(DEMO_SAMPLES, images, dirs_exist_ok=True)
         wait_until(lambda: len(plc.records) >= 5, 30, "decisions after the camera recovered")
         wait_until(lambda: alarm_word() & 1 == 0, 10, "CAMERA_DOWN cleared")
         d.proc.send_signal(signal.SIGTERM)
@@ -366,15 +274,6 @@ def test_heartbeat_stops_when_the_daemon_dies(
     end = time.monotonic() + 0.5
     while time.monotonic() < end:
         assert mbpoll_read(plc.port, 100, 1)[0] == frozen
-
-
-def inference_children(pid: int) -> list[int]:
-    """PIDs of the daemon's worker processes (children running the inference loop)."""
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        kids += [int(k) for k in text]
-    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
 @pytest.mark.parametrize("fault", ["hang", "crash"])
@@ -407,7 +306,7 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["frames"] == s["decided"] and s["deadline_misses"] == 0, s
+    assert_each_frame_decided_once(s, plc.records)
     allowed = {"inference_timeout", "queue_wait", "model_error", "model_down", "plc_retry"}
     assert set(s["failsafes"]) <= allowed, s
     if fault == "hang":
@@ -432,7 +331,8 @@ def test_daemon_end_to_end_from_a_genicam_camera(
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["frames"] == s["decided"] >= 30 and s["deadline_misses"] == 0, s
+    assert s["decided"] >= 30
+    assert_each_frame_decided_once(s, plc.records)
     wait_until(lambda: len(plc.records) >= s["decided"], 5, "the server's record log")
     parts = [part for _c, _seq, part, _v in plc.records]
     assert parts == list(range(1, len(parts) + 1)), "part id = software trigger count"

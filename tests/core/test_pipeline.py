@@ -6,41 +6,37 @@ import asyncio
 import collections
 import time
 
-from edge.decision import DecisionRules, DecisionSettings
-from edge.inference import ThreadRunner
 from edge.metrics import Metrics
-from edge.pipeline import ModelHolder, Pipeline, PipelineSettings
+from edge.pipeline import Pipeline, PipelineSettings
 from edge.plcqueue import DeadlineOrderedLink
 from edge.stats import RunStats
 from plc.record import FailsafeReason, Verdict, WriteOutcome
-from tests.core.fakes import FakeDetector, FakeLink, make_frame
+from tests.core.fakes import FakeDetector, FakeLink, make_frame, thread_pool
 
 BUDGET_MS = 120.0
 
 
-async def build(det: FakeDetector | None, link: FakeLink, **kw: object) -> Pipeline:
+async def build(
+    det: FakeDetector | None, link: FakeLink, *, error_threshold: int = 3, **kw: object
+) -> Pipeline:
     settings = PipelineSettings(budget_ms=BUDGET_MS, failsafe_reserve_ms=20, **kw)  # type: ignore[arg-type]
-    holder = (
-        ModelHolder(
-            [ThreadRunner(det, DecisionRules(DecisionSettings(), det.info.classes))], det.info, 7
-        )
+    pool, model = (
+        await thread_pool(det, error_threshold=error_threshold, hang_s=settings.model_hang_s)
         if det
-        else ModelHolder.empty()
+        else (None, None)
     )
     edf = DeadlineOrderedLink(link)
     await edf.start()
     p = Pipeline(
-        settings,
-        "L1",
-        holder,
-        edf,
-        None,
-        Metrics(),
-        RunStats(),
-        {"cam0": 0, "cam1": 1},
+        settings, "L1", pool, model, edf, None, Metrics(), RunStats(), {"cam0": 0, "cam1": 1}
     )
     p.start()
     return p
+
+
+async def settle(p: Pipeline) -> None:
+    assert await p.drain()
+    p._accepting = True  # drain() stops admission; these tests go on submitting
 
 
 def assert_invariant(link: FakeLink, n_frames: int) -> None:
@@ -84,21 +80,58 @@ async def test_slow_model_gets_failsafe_before_deadline_and_late_result_is_dropp
     assert w.record.reason == FailsafeReason.INFERENCE_TIMEOUT
 
 
-async def test_raising_model_gives_failsafe_then_model_down() -> None:
+async def test_raising_model_opens_the_breaker_then_a_probe_closes_it() -> None:
+    """Regression (issue 9.2): model-down used to be permanent (197/197 later frames rejected
+    with a healthy model). Now the breaker opens, and after its backoff one probe frame is
+    inferred; the model being healthy again, real verdicts resume."""
     det, link = FakeDetector(), FakeLink()
     det.fail = True
-    p = await build(det, link, model_error_threshold=2)
+    p = await build(det, link, error_threshold=2)
     for i in range(2):
         p.submit(make_frame("cam0", i))
-        await p.drain()
-        p._accepting = True
-    assert not p.model_up
+        await settle(p)
+    assert p.pool is not None and p.pool.breaker_open and not p.model_up
     p.submit(make_frame("cam0", 2))
-    await p.drain()
-    await p.close()
-    assert_invariant(link, 3)
+    await settle(p)
     reasons = [FailsafeReason(w.record.reason) for w in link.writes]
     assert reasons == [FailsafeReason.MODEL_ERROR] * 2 + [FailsafeReason.MODEL_DOWN]
+    calls = det.calls
+    det.fail = False  # the transient fault is over
+    i = 3
+    deadline = time.monotonic() + 10
+    while not any(w.record.verdict is Verdict.OK for w in link.writes):
+        assert time.monotonic() < deadline, "the breaker never let a probe through"
+        p.submit(make_frame("cam0", i))
+        i += 1
+        await settle(p)
+        await asyncio.sleep(0.05)
+    assert det.calls > calls and not p.pool.breaker_open and p.model_up
+    for j in range(i, i + 5):
+        p.submit(make_frame("cam0", j))
+    await settle(p)
+    await p.close()
+    after = [w.record.verdict for w in link.writes[-5:]]
+    assert after == [Verdict.OK] * 5
+    assert_invariant(link, i + 5)
+
+
+async def test_breaker_stays_open_while_the_model_keeps_failing() -> None:
+    det, link = FakeDetector(), FakeLink()
+    det.fail = True
+    p = await build(det, link, error_threshold=1)
+    end = time.monotonic() + 1.6  # past the first backoff: one probe fails and reopens
+    i = 0
+    while time.monotonic() < end:
+        p.submit(make_frame("cam0", i))
+        i += 1
+        await settle(p)
+        await asyncio.sleep(0.02)
+    await p.close()
+    assert_invariant(link, i)
+    assert all(w.record.verdict is Verdict.FAILSAFE_REJECT for w in link.writes)
+    # Only the first frame and the probe(s) reached the model: the rest were refused at once.
+    assert 2 <= det.calls <= 3, det.calls
+    assert p.pool is not None and p.pool.breaker_open
 
 
 async def test_overload_decides_every_frame_once_and_in_time() -> None:
@@ -115,6 +148,32 @@ async def test_overload_decides_every_frame_once_and_in_time() -> None:
     assert reasons[FailsafeReason.NONE] >= 1
     assert reasons[FailsafeReason.QUEUE_FULL] + reasons[FailsafeReason.OVERLOAD] >= 1
     assert p.stats.decided == 120 and p.stats.deadline_misses == 0
+
+
+async def test_one_slow_frame_does_not_lock_admission() -> None:
+    """Regression (issues 9.1, 9.8): one very slow batch (a huge frame, a worker restart) used to
+    pin the service estimate so high that every later frame was refused as `overload` and no
+    batch ever ran again to bring it down. An idle worker always takes a frame (a probe), and the
+    estimate is a median of the window, so one outlier cannot shut admission."""
+    det, link = FakeDetector(), FakeLink()
+    p = await build(det, link, max_batch=1)
+    det.delay_s = 0.25  # slower than the whole budget: its frame is fail-safed by the guard
+    p.submit(make_frame("cam0", 0))
+    await settle(p)
+    det.delay_s = 0.0
+    while p.stats.late_results == 0:  # noqa: ASYNC110 - the slow batch has returned
+        await asyncio.sleep(0.01)
+    for i in range(1, 21):
+        p.submit(make_frame("cam0", i))
+        await asyncio.sleep(0.005)
+    await settle(p)
+    await p.close()
+    assert_invariant(link, 21)
+    verdicts = [w.record.verdict for w in link.writes]
+    assert verdicts[0] is Verdict.FAILSAFE_REJECT
+    assert verdicts[1:] == [Verdict.OK] * 20, collections.Counter(
+        FailsafeReason(w.record.reason) for w in link.writes
+    )
 
 
 async def test_failed_plc_write_is_replaced_by_failsafe_with_same_sequence() -> None:
@@ -163,8 +222,38 @@ async def test_hung_model_every_frame_failsafed() -> None:
         p.submit(make_frame("cam0", i))
         await asyncio.sleep(0.01)
     assert await p.drain()
-    assert p.model_busy_for_s() > 0
+    assert p.pool is not None and p.pool.busy_for_s() > 0
     det.release.set()
     await p.close()
     assert_invariant(link, 10)
     assert all(w.record.verdict is Verdict.FAILSAFE_REJECT for w in link.writes)
+
+
+async def test_events_of_never_written_records_carry_no_sequence() -> None:
+    """Regression (issue 10): an event of a frame whose record never reached the wire carried
+    the sequence number another part then got."""
+    from edge.pipeline import EventSink  # noqa: F401 - the protocol the spool implements
+
+    class Sink:
+        def __init__(self) -> None:
+            self.events: list = []
+
+        def submit(self, event: object, image: object) -> bool:
+            self.events.append(event)
+            return True
+
+    det = FakeDetector()
+    link = FakeLink(down_until_ns=time.monotonic_ns() + 10**12)  # never comes back
+    pool, model = await thread_pool(det)
+    edf = DeadlineOrderedLink(link)
+    await edf.start()
+    sink = Sink()
+    p = Pipeline(
+        PipelineSettings(budget_ms=BUDGET_MS, failsafe_reserve_ms=20), "L1", pool, model, edf,
+        sink, Metrics(), RunStats(), {"cam0": 0},
+    )
+    p.submit(make_frame("cam0", 1))
+    assert await p.drain()
+    await p.close()
+    (event,) = sink.events
+    assert event.sequence is None and event.plc_outcome == "failed"
