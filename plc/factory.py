@@ -36,6 +36,25 @@ def create_link(settings: PlcSettings, camera_slots: int) -> PlcLink:
     raise TypeError(f"unknown PLC settings type {type(settings).__name__}")
 
 
+def check_map(settings: PlcSettings, camera_slots: int) -> None:
+    """Raise ValueError (naming the keys to change) when the configured map cannot hold
+    `camera_slots` cameras: areas that overlap, or run past register 65535 / DB byte 65535.
+
+    For `edge config check` and the daemon's start (exit 2, not 3). Needs no connection and, for
+    OPC UA, no asyncua.
+    """
+    if camera_slots < 1:
+        raise ValueError(f"camera_slots must be >= 1, got {camera_slots}")
+    if isinstance(settings, ModbusSettings):
+        from plc.modbus import ModbusMap
+
+        ModbusMap(settings, camera_slots)
+    elif isinstance(settings, S7Settings):
+        from plc.s7 import S7Map
+
+        S7Map(settings, camera_slots)
+
+
 def simulated_settings(settings: ModbusSettings, port: int) -> ModbusSettings:
     """The settings a link uses to reach the embedded simulator listening on `port`."""
     return settings.model_copy(update={"host": "127.0.0.1", "port": port})

@@ -248,3 +248,14 @@ def test_s7_map_errors_name_the_keys() -> None:
         S7Map(S7Settings(ack_offset=65532), camera_slots=2)
     with pytest.raises(ValidationError, match="less than or equal to 65535"):
         S7Settings(recipe_offset=70000)
+
+
+def test_check_map_for_config_check() -> None:
+    from plc.factory import check_map
+
+    check_map(ModbusSettings(), 4)
+    check_map(OpcUaSettings(), 4)  # node ids: nothing to overlap
+    with pytest.raises(ValueError, match=r"acks \(ack_base, ack_stride\)"):
+        check_map(ModbusSettings(ack_base=1004), 1)
+    with pytest.raises(ValueError, match=r"DB100 map overlap: result rings"):
+        check_map(S7Settings(results={"mode": "ring"}, record_offset=0), 3)  # type: ignore[arg-type]
