@@ -450,7 +450,9 @@ class ModbusPlcSimulator:
                 next_scan += scan_ns
                 if next_scan <= now:
                     next_scan = now + scan_ns
-            wake = min([next_scan, *(next_trig.values() if period_ns else [])])
+            active = [next_trig[s] for s in slots if period_ns and (
+                p.max_parts is None or c.parts_triggered[s] < p.max_parts)]
+            wake = min([next_scan, *active])  # (a slot done with max_parts no longer wakes us)
             await asyncio.sleep(max(0.0, (wake - time.monotonic_ns()) / 1e9))
 
     async def _scan(self, p: SimProgramSettings,
