@@ -13,9 +13,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.runtimes import RUNTIMES, OnnxRuntimeSettings, RuntimeName, TensorRTSettings
+from models.runtimes import (
+    RUNTIMES,
+    OnnxRuntimeSettings,
+    OpenVinoSettings,
+    RuntimeName,
+    TensorRTSettings,
+)
 
-__all__ = ["RUNTIMES", "ModelSettings", "OnnxRuntimeSettings", "TensorRTSettings"]
+__all__ = [
+    "RUNTIMES",
+    "ModelSettings",
+    "OnnxRuntimeSettings",
+    "OpenVinoSettings",
+    "TensorRTSettings",
+]
 
 LEGACY_ONNX_KEYS = ("intra_op_threads", "inter_op_threads", "spin_wait", "use_cuda", "providers")
 """ONNX Runtime knobs that used to sit directly under ``model:``; still accepted there (moved into
@@ -33,6 +45,8 @@ class ModelSettings(BaseModel):
     """Options of the onnxruntime runtime (allowed only when it is selected)."""
     tensorrt: TensorRTSettings = Field(default_factory=TensorRTSettings)
     """Options of the tensorrt runtime (allowed only when it is selected)."""
+    openvino: OpenVinoSettings = Field(default_factory=OpenVinoSettings)
+    """Options of the openvino runtime (allowed only when it is selected)."""
     blas_threads: int | None = Field(default=1, ge=1, le=256)
     """Process-wide BLAS (OpenBLAS) thread cap set at load, for every runtime. The decode's matrix
     products are tiny; a multi-threaded BLAS pool busy-waits after each one and fights ONNX

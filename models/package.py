@@ -52,7 +52,7 @@ import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -918,7 +918,7 @@ def write_package(
         files[name] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
 
     fields = dict(manifest_fields)
-    fields.setdefault("created_at", datetime.now(timezone.utc))
+    fields.setdefault("created_at", datetime.now(UTC))
     try:
         manifest = Manifest.model_validate(
             {**fields, "format": FORMAT_VERSION, "files": files, "model_file": src_model.name}

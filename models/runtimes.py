@@ -95,7 +95,28 @@ class TensorRTSettings(BaseModel):
     workspace_mib: int = Field(default=1024, ge=64)
 
 
-RuntimeName = Literal["onnxruntime", "tensorrt"]
+class OpenVinoSettings(BaseModel):
+    """OpenVINO options (the optional ``openvino`` extra; x86 CPUs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = "CPU"
+    threads: int = Field(default=2, ge=1, le=256)
+    """INFERENCE_NUM_THREADS: the cores given to inference."""
+    num_streams: int = Field(default=1, ge=1, le=64)
+    """Parallel inference streams; 1 for the lowest latency per frame."""
+    performance_hint: Literal["LATENCY", "THROUGHPUT"] = "LATENCY"
+    precision: Literal["f32", "bf16", "f16"] = "f32"
+    """Inference precision. Explicit because OpenVINO defaults to bf16 on CPUs that support it,
+    which moves scores; bf16 is faster where supported but must be checked against f32
+    decisions first (models/README.md)."""
+    cpu_pinning: bool = False
+    """Pin inference threads to cores (ENABLE_CPU_PINNING)."""
+    cache_dir: Path | None = None
+    """Compiled-model cache (CACHE_DIR): faster reloads; None: compile at every load."""
+
+
+RuntimeName = Literal["onnxruntime", "tensorrt", "openvino"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +149,12 @@ RUNTIMES: dict[str, Runtime] = {
             TensorRTSettings,
             "models.tensorrt_runtime:TensorRTDetector",
             "TensorRT engine built on the target GPU (Jetson, T4)",
+        ),
+        Runtime(
+            "openvino",
+            OpenVinoSettings,
+            "models.openvino_runtime:OpenVinoDetector",
+            "OpenVINO on x86 CPUs (the optional openvino extra)",
         ),
     )
 }

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -368,7 +368,7 @@ class ModelStore:
             state.active,
             state.previous,
             state.shadow,
-            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            datetime.now(UTC).isoformat(timespec="seconds"),
         )
         with self._locked():
             data = (json.dumps(stamped.as_json(), indent=2) + "\n").encode()

@@ -182,7 +182,7 @@ def test_settings_reject_unknown_keys(demo_package: Path) -> None:
     with pytest.raises(ValueError, match="Extra inputs"):
         ModelSettings.model_validate({"package": str(demo_package), "thredas": 2})
     with pytest.raises(ValueError, match="runtime"):
-        ModelSettings.model_validate({"package": str(demo_package), "runtime": "openvino"})
+        ModelSettings.model_validate({"package": str(demo_package), "runtime": "tflite"})
 
 
 def test_runtime_imports_neither_torch_nor_ultralytics(demo_package: Path) -> None:

@@ -52,7 +52,7 @@ def test_legacy_flat_keys_move_into_the_onnxruntime_section(demo_package: Path) 
         ({"onnxruntime": {"thredas": 2}}, "thredas"),
         ({"onnxruntime": {"graph_optimization": "max"}}, "graph_optimization"),
         ({"onnxruntime": {"intra_op_threads": 2, "thread_affinity": "1;2"}}, "thread_affinity"),
-        ({"runtime": "openvino"}, "runtime"),
+        ({"runtime": "tflite"}, "runtime"),
     ],
     ids=[
         "both",
