@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from models.config import ModelSettings, OnnxRuntimeSettings
-from models.imagestats import StatsAccumulator
-from models.loader import load_detector
-from models.package import ModelPackage, load_package, verify_package, write_package
+from models.compare import compare_decisions, onnx_detector
+from models.config import OnnxRuntimeSettings
+from models.package import load_package, verify_package, write_package
 from models.preprocess import preprocess
-from models.training.valstats import IMAGE_SUFFIXES, STATS_FILE, decision_floor, write_stats
-from models.types import Detection, ModelPackageError
+from models.training.valstats import IMAGE_SUFFIXES, STATS_FILE, write_stats
+from models.types import ModelPackageError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -166,15 +165,6 @@ def quantize_onnx(
     return len(keep)
 
 
-def _is_defect(pkg: ModelPackage, dets: Sequence[Detection]) -> bool:
-    t = pkg.manifest.thresholds
-    return any(
-        d.score >= t.per_class.get(d.class_name, t.default)
-        and d.area_px >= t.min_area_px.get(d.class_name, 0)
-        for d in dets
-    )
-
-
 def _median_run_ms(model: Path, tensors: Sequence[np.ndarray], runs: int = 60) -> float:
     import onnxruntime as ort
 
@@ -256,7 +246,19 @@ def quantize_package(
         }
         training = m.training.model_dump(mode="json")
         candidate = write_package(Path(tmp) / "candidate", q_model, training=training, **fields)
-        report, stats = _gate(src, load_package(candidate), hold_files, progress)
+        int8 = load_package(candidate)
+        result = compare_decisions(
+            src,
+            onnx_detector(src),
+            int8,
+            onnx_detector(int8),
+            hold_files,
+            progress=progress("hold-out FP32 vs INT8", len(hold_files)) if progress else None,
+            stats=True,
+        )
+        report = QuantizeReport(result.images, result.agreement, result.disagreements)
+        stats = result.stats
+        assert stats is not None
         report.excluded_nodes = kept
         report.fp32_ms = _median_run_ms(src.model_path, calib)
         report.int8_ms = _median_run_ms(q_model, calib)
@@ -294,57 +296,3 @@ def quantize_package(
         )
     report.package = out
     return report
-
-
-def _gate(
-    fp32: ModelPackage,
-    int8: ModelPackage,
-    images: Sequence[Path],
-    progress: Progress | None,
-) -> tuple[QuantizeReport, StatsAccumulator]:
-    floor = decision_floor(fp32)
-
-    def detector(pkg: ModelPackage) -> Any:
-        return load_detector(
-            ModelSettings(
-                package=pkg.root,
-                onnxruntime=OnnxRuntimeSettings(intra_op_threads=2),
-                conf_threshold=floor,
-                warmup_runs=1,
-            ),
-            pkg,
-        )
-
-    a, b = detector(fp32), detector(int8)
-    stats = StatsAccumulator(tuple(fp32.manifest.classes))
-    agree = 0
-    diffs: list[dict[str, Any]] = []
-    tick = progress("hold-out FP32 vs INT8", len(images)) if progress else None
-    try:
-        for f in images:
-            img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-            if img is None:
-                raise ValueError(f"{f}: unreadable image")
-            p = a.preprocess(img)
-            da = a.postprocess(a.infer(p.tensor), [p], masks=False)[0]
-            db = b.postprocess(b.infer(p.tensor), [p], masks=False)[0]
-            va, vb = _is_defect(fp32, da), _is_defect(int8, db)
-            stats.add_image(img, [(d.class_name, d.score) for d in db], vb)
-            if va == vb:
-                agree += 1
-            else:
-                diffs.append(
-                    {
-                        "image": f.name,
-                        "fp32": "DEFECT" if va else "OK",
-                        "int8": "DEFECT" if vb else "OK",
-                        "fp32_top": round(max((d.score for d in da), default=0.0), 4),
-                        "int8_top": round(max((d.score for d in db), default=0.0), 4),
-                    }
-                )
-            if tick:
-                tick(1)
-    finally:
-        a.close()
-        b.close()
-    return QuantizeReport(len(images), agree / max(len(images), 1), diffs), stats

@@ -54,7 +54,7 @@ class ModelInfo:
     """Network input (height, width)."""
     sha256: str
     runtime: str
-    """"onnxruntime" or "tensorrt"."""
+    """The registry name of the runtime that runs it: "onnxruntime", "tensorrt" or "openvino"."""
     thresholds: dict[str, float] = field(default_factory=dict)
     """Per-class decision score thresholds recommended by the package (operating point)."""
     digest: str = ""

@@ -34,6 +34,14 @@ console = Console(stderr=True, soft_wrap=True)
 DEFAULT_CRITERIA = {"min_precision": 0.97, "min_recall": 0.95}
 
 
+@app.callback()
+def _logs_to_stderr() -> None:
+    """Runtime logs (detector loaded, ...) go to stderr: stdout is kept for --json output."""
+    from edge.logs import configure_logging
+
+    configure_logging("info", "console")
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -707,6 +715,87 @@ def quantize(
         f"(INT8, 1 thread)"
     )
     _print_package(out)
+
+
+@app.command()
+def compare(
+    package_dir: Annotated[
+        Path, typer.Argument(help="The reference package (run on ONNX Runtime).")
+    ],
+    holdout: Annotated[Path, typer.Option(help="data.yaml whose test (else val) images are used.")],
+    against: Annotated[
+        Path | None, typer.Option(help="Another package to compare (e.g. its INT8 version).")
+    ] = None,
+    runtime: Annotated[
+        str, typer.Option(help="Runtime of the candidate: onnxruntime or openvino.")
+    ] = "onnxruntime",
+    precision: Annotated[
+        str, typer.Option(help="openvino: f32, bf16 or f16 (bf16 is faster where the CPU has it).")
+    ] = "f32",
+    threads: Annotated[int, typer.Option(help="Inference threads of both sides.")] = 2,
+    min_agreement: Annotated[
+        float, typer.Option(help="Exit 1 when fewer images than this share are decided alike.")
+    ] = 0.98,
+    holdout_split: Annotated[
+        str | None, typer.Option(help="Split of --holdout (default: test, else val).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Check that a candidate (another package, or the same one on another runtime/precision)
+    makes the same OK/DEFECT decisions as the reference on ONNX Runtime, before deploying it."""
+    from models.compare import compare_decisions, onnx_detector
+    from models.config import ModelSettings
+    from models.loader import load_detector
+    from models.package import verify_package
+    from models.quantize import holdout_images
+    from models.runtimes import OpenVinoSettings
+    from models.training.valstats import decision_floor
+    from models.types import ModelError, ModelPackageError
+
+    try:
+        ref = verify_package(package_dir)
+        cand = verify_package(against) if against else ref
+        images, split = holdout_images(holdout, holdout_split)
+        if runtime == "openvino":
+            cand_det = load_detector(
+                ModelSettings(
+                    package=cand.root,
+                    runtime="openvino",
+                    openvino=OpenVinoSettings.model_validate(
+                        {"threads": threads, "precision": precision}
+                    ),
+                    conf_threshold=decision_floor(cand),
+                    warmup_runs=1,
+                ),
+                cand,
+            )
+        elif runtime == "onnxruntime":
+            cand_det = onnx_detector(cand, threads)
+        else:
+            raise _fail(f"--runtime {runtime!r}: choose onnxruntime or openvino")
+        with _bars() as bar:
+            result = compare_decisions(
+                ref,
+                onnx_detector(ref, threads),
+                cand,
+                cand_det,
+                images,
+                progress=bar(f"{split} images", len(images)),
+            )
+    except (ModelPackageError, ModelError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    label = f"{cand.ref} on {runtime}" + (f" ({precision})" if runtime == "openvino" else "")
+    doc = {"reference": ref.ref, "candidate": label, **result.as_json()}
+    if as_json:
+        typer.echo(json.dumps(doc))
+    console.print(
+        f"{label} decides like {ref.ref} (onnxruntime) on {result.agreement:.2%} of "
+        f"{result.images} images ({len(result.disagreements)} differ; largest top-score "
+        f"difference {result.max_score_diff:.4f}); infer p50 {result.reference_ms:.2f} ms -> "
+        f"{result.candidate_ms:.2f} ms"
+    )
+    if result.agreement < min_agreement:
+        raise _fail(f"agreement below --min-agreement {min_agreement}", code=1)
 
 
 @app.command("build-engine")

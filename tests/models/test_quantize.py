@@ -88,3 +88,29 @@ def test_bad_inputs_are_clear_errors(demo_package: Path, tmp_path: Path) -> None
         quantize_package(demo_package, tmp_path / "empty", tmp_path, tmp_path / "o")
     with pytest.raises(ValueError, match="min_agreement"):
         quantize_package(demo_package, tmp_path, tmp_path, tmp_path / "o", min_agreement=1.5)
+
+
+def test_compare_command_checks_a_candidate_before_deployment(
+    synth: tuple[Path, Path], tmp_path: Path, demo_package: Path
+) -> None:
+    """OpenVINO bf16 (where the CPU has it) against ONNX Runtime f32, same package: the decision
+    check that must pass before a line switches precision; JSON on stdout, logs on stderr."""
+    import json
+
+    _, hold = synth
+    r = subprocess.run(
+        [sys.executable, "-m", "edge", "model", "compare", str(demo_package),
+         "--holdout", str(hold), "--runtime", "openvino", "--precision", "bf16", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["images"] == 60 and doc["agreement"] >= 0.98
+    assert doc["candidate"].endswith("on openvino (bf16)")
+    assert doc["reference_infer_ms_p50"] > 0 and doc["candidate_infer_ms_p50"] > 0
+    r = subprocess.run(
+        [sys.executable, "-m", "edge", "model", "compare", str(demo_package),
+         "--holdout", str(hold), "--runtime", "tflite"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2 and "choose onnxruntime or openvino" in r.stderr
