@@ -582,7 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, _print_counters)
     port = sim.start()
     print(f"READY {port}", flush=True)
-    done.wait()
+    # Wake up now and then: the kernel may deliver a signal to the simulator's thread, and Python
+    # runs its handler only when the MAIN thread next runs bytecode (a bare wait() never does).
+    while not done.wait(0.05):
+        pass
     _print_counters()
     sim.stop()
     return 0
