@@ -278,6 +278,7 @@ class ReconnectingLink(abc.ABC):
 
     def _connection_lost(self, reason: str) -> None:
         """Called by the backend (any context in the loop) when the connection is gone."""
+        self._ack_seen.clear()  # the PLC may come back restarted: ask again
         if self._up is not None:
             self._up.clear()
         if self._connected:
@@ -531,7 +532,9 @@ class ReconnectingLink(abc.ABC):
 
         The slot is free when the record in it was written by an earlier session (unknown), or
         `plc_scan_ms` ago (the PLC has scanned since), or, acknowledged, when the PLC's ack
-        covers it. A PLC whose ack reads 0 (fresh, never acknowledged) falls back to time.
+        covers it. A PLC whose ack reads 0 (fresh, never acknowledged) falls back to time. The
+        wait is bounded by the deadline and, acknowledged, by two scans after the slot was
+        written: at most ~2 x plc_scan_ms inside the link.
         """
         r = self.results
         hist = self._ring_hist.get(camera_index)
@@ -545,6 +548,10 @@ class ReconnectingLink(abc.ABC):
             return None
         occ_seq, occ_t = occupant
         free_at = occ_t + int(r.plc_scan_ms * 1e6)
+        # Acknowledged: a PLC that scans every plc_scan_ms has acknowledged well within two
+        # scans; one that has not is not keeping up (or stopped acknowledging): drop at once
+        # instead of holding the link (and the heartbeat behind it) for the whole budget.
+        give_up_at = min(deadline_ns, occ_t + int(2 * r.plc_scan_ms * 1e6))
         waited = False
         try:
             while True:
@@ -561,7 +568,12 @@ class ReconnectingLink(abc.ABC):
                     )
                     if budget_s <= self._needed_s():
                         break
-                    ack = await asyncio.wait_for(self._read_ack(camera_index, budget_s), budget_s)
+                    try:
+                        ack = await asyncio.wait_for(
+                            self._read_ack(camera_index, budget_s), budget_s
+                        )
+                    except DefiniteFailure:  # the PLC holds no ack there: time rule, not a stop
+                        ack = 0
                     self._ack_seen[camera_index] = ack
                     if ack == 0 and time.monotonic_ns() >= free_at:
                         return None  # a PLC that never acknowledged: time rule
@@ -570,6 +582,8 @@ class ReconnectingLink(abc.ABC):
                     pause_s = min(0.002, r.plc_scan_ms / 4e3)
                     if ack == 0:
                         pause_s = max(pause_s, (free_at - time.monotonic_ns()) / 1e9)
+                    elif time.monotonic_ns() + int(pause_s * 1e9) > give_up_at:
+                        break
                 else:
                     pause_s = (free_at - now) / 1e9
                 if time.monotonic_ns() + int((pause_s + self._needed_s()) * 1e9) > deadline_ns:
@@ -578,7 +592,7 @@ class ReconnectingLink(abc.ABC):
                     waited = True
                     self.stats.ring_waits += 1
                 await asyncio.sleep(pause_s)
-        except (DefiniteFailure, NotSent) as exc:
+        except NotSent as exc:
             return f"ring slot {slot} busy and the ack could not be read: {exc}"
         except Exception as exc:  # the ack read timed out: the connection is suspect
             self._connection_lost(f"ack read failed: {type(exc).__name__}: {exc}")

@@ -17,7 +17,7 @@ import pytest
 from plc.config import ModbusSettings, OpcUaSettings, S7Settings
 from plc.modbus import ModbusLink
 from plc.opcua import OpcUaLink
-from plc.record import DecisionRecord, Verdict, WriteOutcome, WriteResult
+from plc.record import Alarm, DecisionRecord, Verdict, WriteOutcome, WriteResult
 from plc.s7 import S7Link
 from tests.plc.conftest import OpcUaPeer, PyModbusTcpPeer, S7Peer
 from tests.plc.plcpeers import RingScanner
@@ -113,7 +113,7 @@ async def test_acknowledged_ring_waits_for_the_plcs_ack(
     pymodbustcp_server: PyModbusTcpPeer,
 ) -> None:
     plc = pymodbustcp_server
-    s = ModbusSettings(port=plc.port, results=ring(ring_size=2, plc_scan_ms=1,
+    s = ModbusSettings(port=plc.port, results=ring(ring_size=2, plc_scan_ms=2000,
                                                    acknowledged=True))  # type: ignore[arg-type]
     link = await started(ModbusLink(s, 1))
     try:
@@ -220,7 +220,8 @@ def consumed(scanner: RingScanner) -> set[int]:
 async def test_burst_ring_acknowledged_loses_nothing(plc: PyModbusTcpPeer) -> None:
     """PLC scanning every 15 ms, acknowledging; 40 records back to back: every record the link
     reports ACKED is read by the PLC (the link waits for acks instead of overwriting)."""
-    s = ModbusSettings(port=plc.port, results=ring(acknowledged=True))  # type: ignore[arg-type]
+    s = ModbusSettings(port=plc.port,
+                       results=ring(acknowledged=True, plc_scan_ms=50))  # type: ignore[arg-type]
     scanner = RingScanner(plc.port, "ring", 1000, 8, 15, ack_address=400)
     link = await started(ModbusLink(s, 1))
     try:
@@ -280,3 +281,30 @@ async def test_burst_single_slot_loses_records(plc: PyModbusTcpPeer) -> None:
     assert len(got & set(range(1, 41))) <= scans_during + 1  # one record per scan at most
     if scans_during + 1 < 40:
         assert len(set(range(1, 41)) - got) >= 40 - scans_during - 1
+
+
+async def test_a_plc_that_stops_acknowledging_does_not_hold_the_link(
+    pymodbustcp_server: PyModbusTcpPeer,
+) -> None:
+    """Acknowledged ring, the PLC acknowledged 1 and then nothing: a record for a slot it never
+    released is dropped within about two scans, not after its whole budget (the heartbeat and
+    the other cameras share the link)."""
+    plc = pymodbustcp_server
+    s = ModbusSettings(port=plc.port, results=ring(ring_size=2, plc_scan_ms=20,
+                                                   acknowledged=True))  # type: ignore[arg-type]
+    link = await started(ModbusLink(s, 1))
+    try:
+        for seq in (1, 2):
+            assert (await link.write_decision(rec(0, seq), dl())).outcome is WriteOutcome.ACKED
+        plc.set_u32(400, 1)
+        assert (await link.write_decision(rec(0, 3), dl())).outcome is WriteOutcome.ACKED
+        await asyncio.sleep(0.05)  # two scans pass without an ack for 2
+        t0 = time.monotonic_ns()
+        r = await link.write_decision(rec(0, 4), dl(1000))
+        assert r.outcome is WriteOutcome.DROPPED_LATE and "not yet acknowledged" in r.detail
+        assert time.monotonic_ns() - t0 < 500 * MS  # far from its 1 s budget
+        hb = await link.write_status(1, Alarm.RESULTS_UNACKNOWLEDGED, dl(100))
+        assert hb.outcome is WriteOutcome.ACKED
+    finally:
+        await link.close()
+    assert plc.get(101, 1) == [int(Alarm.RESULTS_UNACKNOWLEDGED)]
