@@ -1,17 +1,34 @@
-"""`edge bench`: the real pipeline, in-process, against synthetic cameras at a chosen rate.
+"""`edge bench`: the real pipeline beside the bare model and the naive loop, in one run.
 
-It answers two questions a line owner asks before buying a box: how many frames per second this
-box decides within budget, and how much the daemon adds on top of the bare model. So the same run
-first drives the full daemon (paced replay cameras -> pipeline -> real Modbus TCP on loopback ->
-spool), then times ``session.run`` alone on the same preprocessed inputs, and reports the ratio.
+It answers what a line owner asks before buying a box: how many parts per second this box
+decides within budget, how much latency the daemon adds on top of the model, and whether the
+daemon beats the twenty-line loop a plant engineer would write instead. So one run measures, on
+the same model, the same images and a real Modbus server (the PLC simulator in its own process):
+
+* the daemon: replay cameras -> inference workers -> Modbus TCP -> spool, either paced at
+  `--rate` fps per camera (latency) or **closed loop** (`--closed-loop`: each decision triggers
+  the next frame, a fixed number of parts in flight: the capacity in real verdicts/s);
+* bare `session.run` on the same preprocessed inputs: one caller with all the daemon's inference
+  threads, and one caller per worker (what the workers could do with nothing else on the box);
+* with `--peer naive` (train extra): ultralytics `YOLO(model.onnx).predict` + a synchronous
+  pymodbus write per frame, closed loop (models/training/naive_peer.py).
+
+Ratios come from this one run, never from another day's table.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,62 +39,86 @@ from edge.config import DEMO_CONFIG, LineConfig, load_config
 from edge.stats import percentiles
 
 
-def bench_config(base: LineConfig, rate: float, cameras: int, spool_dir: Path) -> LineConfig:
-    """The base line, with N replay cameras at `rate` fps and the embedded Modbus PLC."""
-    from camera.config import ReplayCameraSettings
+def bench_config(
+    base: LineConfig,
+    rate: float,
+    cameras: int,
+    spool_dir: Path,
+    plc_port: int,
+    closed_loop: bool,
+    workers: int | None = None,
+    intra_op: int | None = None,
+    samples: Path | None = None,
+) -> LineConfig:
+    """The base line with N replay cameras (paced or triggered) and the PLC at `plc_port`."""
+    from camera.config import ReplayCameraSettings, TriggeredMode
     from plc.config import ModbusSettings
 
     template = next((c for c in base.cameras if isinstance(c, ReplayCameraSettings)), None)
-    samples = template.path if template else DEMO_CONFIG.parent.parent / "models/demo/samples"
+    folder = samples or (template.path if template else DEMO_CONFIG.parent.parent
+                         / "models/demo/samples")
     cams = [
         ReplayCameraSettings(
-            type="replay", id=f"bench{i}", plc_slot=i, path=samples, fps=rate, loop=True
+            type="replay", id=f"bench{i}", plc_slot=i, path=folder, fps=0 if closed_loop else rate,
+            loop=True,
         )
         for i in range(cameras)
     ]
-    plc = (
-        base.plc
-        if isinstance(base.plc, ModbusSettings) and base.plc.simulator
-        else ModbusSettings(simulator=True, port=0)
-    )
+    if closed_loop:  # the bench fires each camera's software trigger itself
+        trigger = TriggeredMode(mode="triggered", source="software")
+        cams = [c.model_copy(update={"trigger": trigger}) for c in cams]
+    model = base.model
+    if intra_op is not None:
+        model = model.model_copy(update={"intra_op_threads": intra_op})
+    pipeline = base.pipeline
+    if workers is not None:
+        pipeline = pipeline.model_copy(update={"workers": workers})
     return base.model_copy(
         update={
             "cameras": cams,
-            "plc": plc,
+            "model": model,
+            "pipeline": pipeline,
+            "plc": ModbusSettings(host="127.0.0.1", port=plc_port),
             "uplink": base.uplink.model_copy(
                 update={"spool_dir": spool_dir, "kafka": None, "s3": None}
             ),
             "observability": base.observability.model_copy(update={"enabled": False}),
+            "control": base.control.model_copy(update={"enabled": False}),
             "decision": base.decision.model_copy(update={"camera_roi": {}}),
+            "recipes": None,
         }
     )
 
 
-def bare_model_timing(cfg: LineConfig, images: list[np.ndarray], runs: int) -> dict[str, Any]:
-    """``session.run`` alone, same package, same threads, same preprocessed inputs."""
-    import onnxruntime as ort
+def _free_port() -> int:
+    import socket
 
-    from models.loader import load_detector
-    from models.package import load_package
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
-    pkg = load_package(cfg.model.package)
-    det = load_detector(cfg.model)
-    tensors = [det.preprocess(img).tensor for img in images]
-    det.close()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = cfg.model.intra_op_threads
-    opts.inter_op_num_threads = cfg.model.inter_op_threads
-    sess = ort.InferenceSession(str(pkg.model_path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    for t in tensors[:3]:
-        sess.run(None, {name: t})
-    samples = []
-    for i in range(runs):
-        t = tensors[i % len(tensors)]
-        t0 = time.perf_counter_ns()
-        sess.run(None, {name: t})
-        samples.append((time.perf_counter_ns() - t0) / 1e6)
-    return percentiles(samples) | {"samples": samples}
+
+@contextlib.contextmanager
+def plc_process(slots: int) -> Iterator[int]:
+    """`python -m plc.sim` on a free port; yields the port, stops the process by its PID."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plc.sim", "--port", str(port), "--camera-slots", str(slots)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"PLC simulator did not start: {line!r}")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def load_sample_images(folder: Path, limit: int = 64) -> list[np.ndarray]:
@@ -86,6 +127,116 @@ def load_sample_images(folder: Path, limit: int = 64) -> list[np.ndarray]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
     images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in files[:limit]]
     return [im for im in images if im is not None]
+
+
+def bare_session_run(
+    cfg: LineConfig, images: list[np.ndarray], duration_s: float, callers: int, threads: int
+) -> dict[str, Any]:
+    """Closed-loop `session.run` alone: `callers` threads, each its own session with `threads`
+    intra-op threads, on the same preprocessed inputs the daemon's workers see."""
+    import onnxruntime as ort
+
+    from models.loader import load_detector
+    from models.package import load_package
+
+    pkg = load_package(cfg.model.package)
+    det = load_detector(cfg.model.model_copy(update={"warmup_runs": 0}))
+    tensors = [det.preprocess(img).tensor for img in images]
+    det.close()
+
+    def session() -> Any:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(pkg.model_path), opts, providers=["CPUExecutionProvider"])
+
+    sessions = [session() for _ in range(callers)]
+    name = sessions[0].get_inputs()[0].name
+    for sess in sessions:
+        for tensor in tensors[:3]:
+            sess.run(None, {name: tensor})
+    lat: list[list[float]] = [[] for _ in range(callers)]
+    stop = time.monotonic() + duration_s
+
+    def loop(i: int) -> None:
+        s, k = sessions[i], i
+        while time.monotonic() < stop:
+            t0 = time.perf_counter_ns()
+            s.run(None, {name: tensors[k % len(tensors)]})
+            lat[i].append((time.perf_counter_ns() - t0) / 1e6)
+            k += callers
+
+    t0 = time.monotonic()
+    runners = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join()
+    wall = time.monotonic() - t0
+    flat = [x for part in lat for x in part]
+    return {"callers": callers, "intra_op_threads": threads, "runs": len(flat),
+            "runs_per_s": len(flat) / wall, "latency_ms": percentiles(flat),
+            "samples": flat[:20000]}
+
+
+def run_daemon_phase(cfg: LineConfig, duration_s: float, closed_loop: bool) -> tuple[Any, Any]:
+    """The real daemon for `duration_s`; closed loop: each decision triggers the next frame."""
+    from edge.daemon import Daemon, ExitCode, run_daemon
+    from edge.pipeline import DecidedPart
+
+    hooks: list[Callable[[Daemon], None]] = []
+    if closed_loop:
+
+        def attach(daemon: Daemon) -> None:
+            assert daemon.pipeline is not None
+            workers = daemon.workers
+            p = cfg.pipeline
+            n_workers = p.worker_count(cfg.model.intra_op_threads)
+            window = n_workers * p.worker_depth * p.max_batch + 1
+            cams = list(workers.values())
+
+            def next_frame(part: DecidedPart) -> None:
+                workers[part.frame.camera_id].trigger()
+
+            daemon.pipeline.observers.append(next_frame)
+            loop = asyncio.get_running_loop()
+
+            def prime() -> None:  # cameras open in their own threads: fire once all are up
+                if not all(w.state == "up" for w in cams):
+                    loop.call_later(0.01, prime)
+                    return
+                for i in range(window):
+                    cams[i % len(cams)].trigger()
+
+            prime()
+
+        hooks.append(attach)
+    code, daemon = run_daemon(cfg, None, duration_s, status_line=False, ready_hooks=hooks)
+    if code is not ExitCode.OK:
+        raise typer.Exit(int(code))
+    return code, daemon
+
+
+def naive_peer(
+    cfg: LineConfig, images_dir: Path, plc_port: int, duration_s: float, out: Path
+) -> dict[str, Any] | None:
+    from models.package import load_package
+
+    pkg = load_package(cfg.model.package)
+    result = out / "naive.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "models.training.naive_peer", "--model", str(pkg.model_path),
+         "--imgsz", str(pkg.manifest.input_size[0]), "--images", str(images_dir),
+         "--modbus-port", str(plc_port), "--duration", str(duration_s), "--out", str(result)],
+        capture_output=True, text=True, timeout=duration_s * 4 + 300,
+    )
+    if r.returncode != 0:
+        typer.echo(f"naive peer failed (needs the train extra): {r.stderr.strip()[-500:]}",
+                   err=True)
+        return None
+    doc: dict[str, Any] = json.loads(result.read_text())
+    return doc
 
 
 def _sample_cdf(samples: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -126,74 +277,110 @@ def bench_command(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Line YAML for model/pipeline settings.")
     ] = None,
-    rate: Annotated[float, typer.Option(help="Frames per second per camera.")] = 60.0,
+    rate: Annotated[float, typer.Option(help="Frames per second per camera (paced mode).")] = 60.0,
     cameras: Annotated[int, typer.Option(min=1, max=32, help="Synthetic cameras.")] = 1,
-    duration: Annotated[float, typer.Option(help="Seconds of daemon run.")] = 20.0,
-    bare_runs: Annotated[int, typer.Option(help="session.run calls for the bare timing.")] = 300,
+    duration: Annotated[float, typer.Option(help="Seconds of each measured phase.")] = 20.0,
+    closed_loop: Annotated[
+        bool,
+        typer.Option("--closed-loop", help="Capacity: each decision triggers the next frame."),
+    ] = False,
+    workers: Annotated[
+        str | None, typer.Option(help="Inference workers (a number or 'auto'; default: config).")
+    ] = None,
+    intra_op_threads: Annotated[
+        int | None, typer.Option(help="ONNX Runtime threads per worker (default: config).")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of frames to replay (default: the demo samples).")
+    ] = None,
+    peer: Annotated[
+        list[str] | None, typer.Option(help="Also run a comparison peer: 'naive' (train extra).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for bench.json and bench-cdf.png.")] = Path(
         "bench-out"
     ),
 ) -> None:
-    """Run the real pipeline against synthetic cameras, then the bare model; report both."""
-    from edge.daemon import ExitCode, run_daemon
+    """Run the real pipeline, bare session.run and (optionally) the naive loop; report ratios."""
     from edge.logs import configure_logging
 
     base = load_config(config or DEMO_CONFIG)
     configure_logging("warning", "console")
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
-        cfg = bench_config(base, rate, cameras, Path(tmp) / "spool")
-        typer.echo(
-            f"daemon: {cameras} camera(s) x {rate:g} fps for {duration:g}s "
-            f"(model {cfg.model.package.name}, {cfg.model.intra_op_threads} thread(s))"
-        )
+    n_workers: int | None = None
+    if workers is not None:
+        n_workers = None if workers == "auto" else int(workers)
+    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp, plc_process(cameras) as port:
+        cfg = bench_config(base, rate, cameras, Path(tmp) / "spool", port, closed_loop,
+                           n_workers, intra_op_threads, images)
+        if workers == "auto":
+            cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(
+                update={"workers": "auto"})})
+        p = cfg.pipeline
+        n = p.worker_count(cfg.model.intra_op_threads)
+        threads = cfg.model.intra_op_threads
+        mode = "closed loop" if closed_loop else f"{rate:g} fps x {cameras} camera(s)"
+        typer.echo(f"daemon: {mode} for {duration:g}s ({n} worker(s) x {threads} thread(s), "
+                   f"model {cfg.model.package.name})")
         t0 = time.monotonic()
-        code, daemon = run_daemon(cfg, None, duration, status_line=False)
+        _code, daemon = run_daemon_phase(cfg, duration, closed_loop)
         wall = time.monotonic() - t0
-    if code is not ExitCode.OK:
-        typer.echo(f"daemon exited with {code.name}", err=True)
-        raise typer.Exit(int(code))
-    model = daemon.components.get("model")
-    if model is None or not model.up:
-        typer.echo(
-            f"no benchmark: the model did not load ({model.detail if model else '?'})", err=True
-        )
-        raise typer.Exit(int(ExitCode.STARTUP_FAILED))
-    s = daemon.stats.summary()
-    samples_dir = cfg.cameras[0].path  # type: ignore[union-attr]
-    typer.echo(f"bare model: {bare_runs} x session.run on the same inputs")
-    bare = bare_model_timing(cfg, load_sample_images(samples_dir), bare_runs)
-    infer = s["stages_ms"].get("infer", percentiles([]))
+        model = daemon.components.get("model")
+        if model is None or not model.up:
+            typer.echo(f"no benchmark: the model did not work ({model.detail if model else '?'})",
+                       err=True)
+            raise typer.Exit(3)
+        s = daemon.stats.summary()
+        folder = cfg.cameras[0].path  # type: ignore[union-attr]
+        imgs = load_sample_images(folder)
+        phase = max(5.0, duration / 2)
+        typer.echo(f"bare session.run: {phase:g}s each")
+        bare = {
+            "one_caller_all_threads": bare_session_run(cfg, imgs, phase, 1, n * threads),
+            "one_caller_per_worker": bare_session_run(cfg, imgs, phase, n, threads),
+        }
+        naive = None
+        if peer and "naive" in peer:
+            typer.echo(f"naive peer (ultralytics + pymodbus): {duration:g}s")
+            naive = naive_peer(cfg, folder, port, duration, out)
+    real = s["verdicts"].get("OK", 0) + s["verdicts"].get("DEFECT", 0)
+    real_per_s = real / duration
     report: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
             "python": platform.python_version(),
             "cpus": _cpu_count(),
+            "load_avg": os.getloadavg(),
         },
         "config": {
-            "rate_fps_per_camera": rate,
+            "mode": "closed_loop" if closed_loop else "paced",
+            "rate_fps_per_camera": None if closed_loop else rate,
             "cameras": cameras,
             "duration_s": duration,
             "model": str(cfg.model.package),
-            "intra_op_threads": cfg.model.intra_op_threads,
-            "budget_ms": cfg.pipeline.budget_ms,
+            "workers": n,
+            "intra_op_threads": threads,
+            "max_batch": p.max_batch,
+            "budget_ms": p.budget_ms,
         },
-        "offered_fps": rate * cameras,
-        "decided_fps": s["decided"] / duration,
+        "offered_fps": None if closed_loop else rate * cameras,
+        "decided_per_s": s["decided"] / duration,
+        "real_verdicts_per_s": real_per_s,
         "wall_s": wall,
         "summary": s,
-        "bare_session_run_ms": {k: v for k, v in bare.items() if k != "samples"},
-        "ratio_daemon_infer_to_bare_p50": infer["p50"] / bare["p50"],
-        "ratio_end_to_end_to_bare_p50": s["end_to_end_ms"]["p50"] / bare["p50"],
+        "bare": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in bare.items()},
+        "naive": naive,
+        "ratios": _ratios(real_per_s, s, bare, naive),
     }
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str))
     write_cdf_png(
         out / "bench-cdf.png",
         {
             "end-to-end (capture->PLC ack)": daemon.stats.e2e_ms.cdf(),
             "infer stage in daemon": daemon.stats.stages_ms["infer"].cdf(),
-            "bare session.run": _sample_cdf(bare["samples"]),
+            "bare session.run (one caller)": _sample_cdf(
+                bare["one_caller_per_worker"]["samples"]
+            ),
         },
         cfg.pipeline.budget_ms,
     )
@@ -201,27 +388,58 @@ def bench_command(
     typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench-cdf.png'}")
 
 
+def _ratios(
+    real_per_s: float, s: dict[str, Any], bare: dict[str, Any], naive: dict[str, Any] | None
+) -> dict[str, float | None]:
+    e2e = s["end_to_end_ms"]
+    per_worker = bare["one_caller_per_worker"]
+    out: dict[str, float | None] = {
+        "daemon_vs_bare_one_caller_all_threads":
+            real_per_s / bare["one_caller_all_threads"]["runs_per_s"],
+        "daemon_vs_bare_one_caller_per_worker": real_per_s / per_worker["runs_per_s"],
+        "e2e_p99_minus_bare_p99_ms": e2e["p99"] - per_worker["latency_ms"]["p99"],
+        "daemon_vs_naive": None,
+    }
+    if naive:
+        out["daemon_vs_naive"] = real_per_s / naive["verdicts_per_s"]
+    return out
+
+
 def format_bench(r: dict[str, Any]) -> str:
-    s = r["summary"]
-    e2e, bare = s["end_to_end_ms"], r["bare_session_run_ms"]
+    s, c, rt = r["summary"], r["config"], r["ratios"]
+    e2e = s["end_to_end_ms"]
     lines = [
-        f"offered {r['offered_fps']:.1f} fps, decided {r['decided_fps']:.1f} fps; "
-        f"verdicts {s['verdicts']}; fail-safes {s['failsafes'] or 'none'}; "
-        f"deadline misses {s['deadline_misses']}",
-        f"{'stage':<14}{'p50':>9}{'p99':>9}{'max':>9}  (ms)",
+        f"{c['mode']}: {c['workers']} worker(s) x {c['intra_op_threads']} thread(s), "
+        f"{r['machine']['cpus']} CPU(s), load {r['machine']['load_avg'][0]:.1f}",
+        f"daemon: {r['decided_per_s']:.1f} decided/s, {r['real_verdicts_per_s']:.1f} real "
+        f"verdicts/s; fail-safes {s['failsafes'] or 'none'}; deadline misses "
+        f"{s['deadline_misses']}",
+        f"{'stage':<16}{'p50':>9}{'p99':>9}{'max':>9}  (ms)",
     ]
     for stage, st in s["stages_ms"].items():
-        lines.append(f"{stage:<14}{st['p50']:9.2f}{st['p99']:9.2f}{st['max']:9.2f}")
-    lines.append(f"{'end-to-end':<14}{e2e['p50']:9.2f}{e2e['p99']:9.2f}{e2e['max']:9.2f}")
-    lines.append(f"{'bare run':<14}{bare['p50']:9.2f}{bare['p99']:9.2f}{bare['max']:9.2f}")
+        lines.append(f"{stage:<16}{st['p50']:9.2f}{st['p99']:9.2f}{st['max']:9.2f}")
+    lines.append(f"{'end-to-end':<16}{e2e['p50']:9.2f}{e2e['p99']:9.2f}{e2e['max']:9.2f}")
+    for b in r["bare"].values():
+        lat = b["latency_ms"]
+        lines.append(
+            f"bare session.run, {b['callers']} caller(s) x {b['intra_op_threads']} thread(s): "
+            f"{b['runs_per_s']:.1f} runs/s, p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} ms"
+        )
+    if r["naive"]:
+        nv = r["naive"]
+        lines.append(
+            f"naive loop (ultralytics predict + pymodbus write): {nv['verdicts_per_s']:.1f}/s, "
+            f"p50 {nv['latency_ms']['p50']:.2f} p99 {nv['latency_ms']['p99']:.2f} ms"
+        )
     lines.append(
-        f"daemon/bare p50: infer stage {r['ratio_daemon_infer_to_bare_p50']:.2f}x, "
-        f"end-to-end {r['ratio_end_to_end_to_bare_p50']:.2f}x"
+        "ratios: daemon/bare(1 caller, all threads) "
+        f"{rt['daemon_vs_bare_one_caller_all_threads']:.2f}, daemon/bare(1 caller per worker) "
+        f"{rt['daemon_vs_bare_one_caller_per_worker']:.2f}"
+        + (f", daemon/naive {rt['daemon_vs_naive']:.2f}" if rt["daemon_vs_naive"] else "")
+        + f"; e2e p99 - bare p99 {rt['e2e_p99_minus_bare_p99_ms']:+.1f} ms"
     )
     return "\n".join(lines)
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0

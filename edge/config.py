@@ -17,8 +17,11 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from camera.config import CameraSettings
+from edge.control import ControlSettings
 from edge.decision import DecisionSettings
 from edge.pipeline import PipelineSettings
+from edge.plcinputs import PlcInputSettings
+from edge.recipes import RecipesSettings
 from models.config import ModelSettings
 from plc.config import PlcSettings
 from uplink.config import UplinkSettings
@@ -68,6 +71,19 @@ class LineConfig(BaseModel):
     status: StatusSettings = Field(default_factory=StatusSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    recipes: RecipesSettings | None = None
+    """Product recipes selected by the PLC or `edge recipe set` (None: the `decision` rules)."""
+    plc_inputs: PlcInputSettings = Field(default_factory=PlcInputSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    state_dir: Path | None = None
+    """Where the daemon keeps what it must remember across restarts (selected recipe, control
+    socket, model store state); None: `state` beside the spool directory."""
+
+    def state_path(self) -> Path:
+        return self.state_dir or Path(self.uplink.spool_dir).parent / "state"
+
+    def control_socket(self) -> Path:
+        return self.control.socket or self.state_path() / "control.sock"
 
     @field_validator("cameras")
     @classmethod

@@ -29,7 +29,7 @@ def deep_check(cfg: LineConfig) -> list[str]:
 
 
 def _check_model(cfg: LineConfig) -> list[str]:
-    from edge.decision import DecisionRules
+    from edge.recipes import build_rules
     from models.package import load_package
     from models.types import ModelPackageError
 
@@ -39,17 +39,11 @@ def _check_model(cfg: LineConfig) -> list[str]:
         return [f"model.package: {exc}"]
     except Exception as exc:  # a broken package must read as a config problem, not a crash
         return [f"model.package: cannot be verified ({type(exc).__name__}: {exc})"]
-    th = package.manifest.thresholds
     try:
-        DecisionRules(
-            cfg.decision,
-            package.manifest.classes,
-            package_thresholds=th.per_class,
-            package_default=th.default,
-            package_min_area=th.min_area_px,
-        )
+        build_rules(cfg.recipes, cfg.decision, package)
     except ValueError as exc:
-        return [f"decision.classes: {exc}"]
+        where = "recipes" if str(exc).startswith("recipes.") else "decision.classes"
+        return [f"{where}: {exc}"]
     return []
 
 
@@ -60,15 +54,11 @@ def _check_cameras(cfg: LineConfig) -> list[str]:
     for i, cam in enumerate(cfg.cameras):
         where = f"cameras[{i}]"
         if isinstance(cam, ReplayCameraSettings):
-            if not cam.path.exists():
-                problems.append(f"{where}.path: {cam.path} does not exist")
-            elif cam.path.is_dir():
-                from camera.replay import list_images
+            from camera.replay import replay_path_problem
 
-                if not list_images(cam.path):
-                    problems.append(
-                        f"{where}.path: folder {cam.path} holds no images (png, jpg, bmp, ...)"
-                    )
+            problem = replay_path_problem(cam.path, cam.grayscale)
+            if problem:
+                problems.append(f"{where}.path: {problem}")
         elif isinstance(cam, GenicamCameraSettings):
             for j, cti in enumerate(cam.cti):
                 if not cti.is_file():

@@ -14,27 +14,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from camera.config import TriggeredMode
 from camera.frame import Frame
 from camera.worker import CameraWorker
 from edge.config import ConfigError, LineConfig, load_config
-from edge.decision import DecisionRules, DecisionSettings
+from edge.control import ControlError, ControlServer
+from edge.decision import DecisionSettings
 from edge.http import ObservabilityServer
 from edge.inference import ProcessWorker, ThreadWorker, Worker
 from edge.logs import configure_logging
 from edge.metrics import Metrics, Sample, SnapshotCollector
 from edge.pipeline import Pipeline
+from edge.plcinputs import PlcInputWatcher
 from edge.plcqueue import DeadlineOrderedLink
 from edge.pool import InferencePool, PoolModel
+from edge.recipes import RecipeBook, build_rules
 from edge.stats import RunStats
 from edge.supervisor import Supervisor
 from edge.systemd import Notifier
@@ -118,6 +123,9 @@ class Daemon:
         self.active: ActiveModel | None = None
         self.http: ObservabilityServer | None = None
         self.workers: dict[str, CameraWorker] = {}
+        self.recipes = RecipeBook(config.recipes, config.state_path() / "recipe.json")
+        self.inputs: PlcInputWatcher | None = None
+        self.control: ControlServer | None = None
         self.heartbeat = 0
         self.alarms = Alarm(0)
         self._plc_recovered_ns = 0
@@ -131,6 +139,8 @@ class Daemon:
         self.exit_reason = "not started"
         self._status_task: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self.ready_hooks: list[Callable[[Daemon], None]] = []
+        """Called once everything runs, before READY=1 (the bench attaches its load here)."""
         self.metrics.registry.register(SnapshotCollector(self._snapshot_metrics))
 
     # ---- public --------------------------------------------------------------------------
@@ -157,6 +167,8 @@ class Daemon:
             self._loop.call_later(duration_s, self.request_stop, f"duration {duration_s:g}s")
         if status_line:
             self._status_task = asyncio.create_task(self._status_line())
+        for hook in self.ready_hooks:
+            hook(self)
         self.notifier.ready(self._status_text())
         log.info(
             "daemon_ready",
@@ -250,13 +262,55 @@ class Daemon:
         hb_s = self._heartbeat_period_s()
         self.supervisor.spawn("heartbeat", self._heartbeat_loop, stale_after_s=max(2.0, 10 * hb_s))
         self.supervisor.spawn("housekeeping", self._housekeeping_loop, stale_after_s=10.0)
+        self.supervisor.spawn("loop-lag", self._loop_lag_probe, critical=False)
 
         for cam in cfg.cameras:
-            worker = CameraWorker.from_settings(
-                cam, on_frame=self._frame_from_thread, on_state=self._camera_state_from_thread
+            self.workers[cam.id] = CameraWorker.from_settings(
+                cam,
+                on_frame=self._frame_from_thread,
+                on_state=self._camera_state_from_thread,
+                on_trigger_lost=self._trigger_lost_from_thread,
             )
-            self.workers[cam.id] = worker
+        self._start_plc_inputs()
+        if cfg.control.enabled:
+            self.control = ControlServer(
+                cfg.control_socket(), self._control_handlers(), cfg.control.group
+            )
+            try:
+                await self.control.start()
+            except OSError as exc:  # the line runs without remote control rather than not at all
+                log.error("control_socket_unavailable", path=str(cfg.control_socket()),
+                          error=str(exc))
+                self.control = None
+        for worker in self.workers.values():
             worker.start()
+
+    def _start_plc_inputs(self) -> None:
+        """The PLC input watcher, when a camera is PLC-triggered, a part id comes from the PLC,
+        the PLC selects the recipe, or results are acknowledged."""
+        cfg = self.config
+        assert self.plc is not None and self.pipeline is not None
+        slots: dict[int, tuple[str, CameraWorker | None]] = {}
+        for cam in cfg.cameras:
+            trig = cam.trigger
+            if isinstance(trig, TriggeredMode) and trig.source == "plc":
+                slots[cam.plc_slot] = (cam.id, self.workers[cam.id])
+            elif isinstance(trig, TriggeredMode) and trig.part_id_from_plc:
+                slots[cam.plc_slot] = (cam.id, None)
+        watcher = PlcInputWatcher(
+            self.plc,
+            cfg.plc_inputs,
+            self.recipes,
+            slots,
+            self.pipeline.fail_part,
+            int(cfg.pipeline.budget_ms * 1e6),
+            int(cfg.pipeline.failsafe_reserve_ms * 1e6),
+            read_triggers=bool(slots),
+            read_acks=cfg.plc.results.acknowledged,
+        )
+        if watcher.needed:
+            self.inputs = watcher
+            self.supervisor.spawn("plc-inputs", watcher.run)
 
     async def _start_model(
         self, model: ModelSettings, decision: DecisionSettings, role: str
@@ -270,14 +324,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         try:
             package = await loop.run_in_executor(None, load_package, model.package)
-            th = package.manifest.thresholds
-            rules = DecisionRules(
-                decision,
-                package.manifest.classes,
-                package_thresholds=th.per_class,
-                package_default=th.default,
-                package_min_area=th.min_area_px,
-            )
+            by_recipe = build_rules(self.config.recipes, decision, package)
         except Exception as exc:
             log.error("model_load_failed", package=str(model.package), error=str(exc))
             self._set("model", False, f"load failed: {exc}")
@@ -286,10 +333,10 @@ class Daemon:
         if settings.conf_threshold is None:
             # Candidates below every decision threshold cannot change a verdict: don't pay
             # for their masks (the cost grows with candidates x frame size).
-            settings = settings.model_copy(update={"conf_threshold": rules.lowest_score})
+            lowest = min(r.lowest_score for r in by_recipe.values())
+            settings = settings.model_copy(update={"conf_threshold": lowest})
         p = self.config.pipeline
         log_cfg = (self.config.logging.level, self.config.logging.format)
-        by_recipe = {0: rules}
 
         def factory(name: str, on_death: Any) -> Worker:
             if p.isolation == "process":
@@ -334,8 +381,22 @@ class Daemon:
                 loop.call_soon_threadsafe(self._on_frame, frame)
 
     def _on_frame(self, frame: Frame) -> None:
-        if self.pipeline is not None:
-            self.pipeline.submit(frame)
+        if self.pipeline is None:
+            return
+        if self.inputs is not None:
+            got = self.inputs.frame_arrived(frame)
+            if got is None:
+                return  # its part was already fail-safed (the frame came too late)
+            frame, recipe = got
+        else:
+            recipe = self.recipes.for_part()
+        self.pipeline.submit(frame, recipe)
+
+    def _trigger_lost_from_thread(self, camera_id: str, part_id: int, reason: str) -> None:
+        loop, inputs = self._loop, self.inputs
+        if loop is not None and inputs is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(inputs.trigger_lost, camera_id, part_id, reason)
 
     def _camera_state_from_thread(self, camera_id: str, state: str, reason: str | None) -> None:
         loop = self._loop
@@ -381,6 +442,12 @@ class Daemon:
             alarms |= Alarm.UPLINK_BACKLOG_HIGH
         if self._plc_recovered_ns and now - self._plc_recovered_ns < hold_ns:
             alarms |= Alarm.PLC_RECOVERED
+        if self.recipes.unknown_selected:
+            alarms |= Alarm.RECIPE_UNKNOWN
+        if self.inputs is not None and any(
+            n >= self.config.plc_inputs.unacked_alarm for n in self.inputs.unacked.values()
+        ):
+            alarms |= Alarm.RESULTS_UNACKNOWLEDGED
         return alarms
 
     def _heartbeat_period_s(self) -> float:
@@ -409,6 +476,17 @@ class Daemon:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if time.monotonic() - next_at > period:
                 next_at = time.monotonic()  # fell behind (PLC down): don't burst to catch up
+
+    async def _loop_lag_probe(self) -> None:
+        """How late a 100 ms timer fires: the loop's scheduling delay, i.e. what a deadline
+        guard can suffer (GIL contention, a blocking call that slipped onto the loop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(0.1)
+            lag_ms = (loop.time() - t0 - 0.1) * 1000
+            self.metrics.loop_lag.observe(max(0.0, lag_ms))
+            self.stats.loop_lag_ms.add(max(0.0, lag_ms))
 
     async def _housekeeping_loop(self) -> None:
         """Once a second-ish: health of model, verdicts, spool; systemd watchdog and STATUS."""
@@ -514,6 +592,9 @@ class Daemon:
         }
         if self.active is not None:
             doc["model"] = self.active.pool.health()
+        doc["recipe"] = self.recipes.describe()
+        if self.inputs is not None:
+            doc["plc_inputs"] = self.inputs.stats()
         if self.spool_stats:
             doc["spool"] = self.spool_stats
         return ok, doc
@@ -534,10 +615,36 @@ class Daemon:
             yield Sample("edge_model_breaker_open", "gauge",
                          "1 while the model breaker is open (frames fail-safed without "
                          "inference).", m, 1 if pool.breaker_open else 0)
+            for w in pool.workers:
+                if w is not None and w.pid:
+                    yield Sample("edge_model_worker_resident_bytes", "gauge",
+                                 "Resident memory of an inference worker process.",
+                                 {"worker": w.name}, _rss_bytes(w.pid))
         if self.pipeline is not None:
             yield Sample("edge_seconds_without_real_verdict", "gauge",
                          "Seconds frames have arrived without a real (non-fail-safe) verdict.",
                          {}, self.pipeline.seconds_without_real_verdict())
+        if self.recipes.current is not None:
+            yield Sample("edge_recipe_current", "gauge", "Recipe number parts are judged by.",
+                         {}, self.recipes.current)
+        yield Sample("edge_recipe_unknown", "gauge",
+                     "1 while the selected recipe is not defined (parts fail-safed).", {},
+                     1 if self.recipes.unknown_selected else 0)
+        if self.inputs is not None:
+            watcher = self.inputs
+            for key, value, help_ in (
+                ("parts", watcher.parts, "Parts the PLC announced (trigger counter increments)."),
+                ("missed_triggers", watcher.missed,
+                 "Counter jumps: parts never seen, fail-safed (TRIGGER_MISSED)."),
+                ("no_frame", watcher.no_frame, "Announced parts whose frame did not come in time."),
+                ("polls_failed", watcher.polls_failed, "Reads of the PLC inputs that failed."),
+            ):
+                yield Sample(f"edge_plc_{key}", "counter", help_, {}, value)
+            names = {i: sl.camera_id for i, sl in watcher.slots.items()}
+            for slot, n in watcher.unacked.items():
+                yield Sample("edge_plc_unacked_records", "gauge",
+                             "Records the PLC has not acknowledged (acknowledged mode).",
+                             {"camera": names.get(slot, str(slot))}, n)
         for name, h in self.supervisor.health().items():
             yield Sample("edge_task_restarts", "counter", "Supervised task restarts.",
                          {"task": name}, float(h["restarts_in_window"]))  # type: ignore[arg-type]
@@ -545,6 +652,54 @@ class Daemon:
         for key, help_ in _SPOOL_GAUGES.items():
             if isinstance(s.get(key), int | float):
                 yield Sample(f"edge_uplink_{key}", "gauge", help_, {}, s[key])
+        for key, help_ in _SPOOL_COUNTERS.items():
+            if isinstance(s.get(key), int | float):
+                yield Sample(f"edge_uplink_{key}", "counter", help_, {}, s[key])
+        for cls, n in (s.get("evicted") or {}).items():
+            yield Sample("edge_uplink_evicted", "counter",
+                         "Spool rows/images evicted for lack of disk, by class.", {"class": cls}, n)
+        fwd = s.get("forwarder") or {}
+        for key, help_ in _FORWARDER_COUNTERS.items():
+            if isinstance(fwd.get(key), int | float):
+                yield Sample(f"edge_uplink_{key}", "counter", help_, {}, fwd[key])
+        for peer in ("kafka", "s3"):
+            if isinstance(fwd.get(f"{peer}_up"), bool):
+                yield Sample("edge_uplink_peer_up", "gauge", "1 while the peer accepts data.",
+                             {"peer": peer}, 1 if fwd[f"{peer}_up"] else 0)
+
+    # ---- control API (edge/control.py) ------------------------------------------------------
+
+    def _control_handlers(self) -> dict[str, Any]:
+        return {
+            "status": self._cmd_status,
+            "recipe.get": self._cmd_recipe_get,
+            "recipe.set": self._cmd_recipe_set,
+        }
+
+    async def _cmd_status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        ok, doc = self.health()
+        return {"healthy": ok, **doc}
+
+    async def _cmd_recipe_get(self, _args: dict[str, Any]) -> dict[str, object]:
+        return self.recipes.describe()
+
+    async def _cmd_recipe_set(self, args: dict[str, Any]) -> dict[str, object]:
+        number = args.get("recipe")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise ControlError("give the recipe number: edge recipe set N")
+        if self.recipes.settings is None:
+            raise ControlError("this line has no `recipes:` section in its config")
+        if self.recipes.plc_selects:
+            raise ControlError(
+                "the PLC selects the recipe on this line (recipes.select: plc): change it in the "
+                "PLC program, or set recipes.select: cli to select it with `edge recipe set`"
+            )
+        if not self.recipes.known(number):
+            raise ControlError(
+                f"recipe {number} is not defined; defined: {sorted(self.recipes.settings.table)}"
+            )
+        self.recipes.select(number, by="edge recipe set")
+        return self.recipes.describe()
 
     # ---- signals, reload -------------------------------------------------------------------
 
@@ -635,6 +790,8 @@ class Daemon:
             sys.stderr.write("\n")  # end the live status line before the shutdown logs
         log.info("daemon_stopping", reason=self.exit_reason)
         loop = asyncio.get_running_loop()
+        if self.control is not None:
+            await self.control.close()
         await asyncio.gather(
             *(loop.run_in_executor(None, w.stop) for w in self.workers.values()),
             return_exceptions=True,
@@ -671,6 +828,9 @@ class Daemon:
         s["cameras"] = self.camera_stats()
         if self.active is not None:
             s["model"] = self.active.pool.health()
+        s["recipe"] = self.recipes.describe()
+        if self.inputs is not None:
+            s["plc_inputs"] = self.inputs.stats()
         if self.plc_sim is not None:
             c = self.plc_sim.counters()
             s["plc_simulator"] = {
@@ -683,30 +843,66 @@ class Daemon:
 
 _CAMERA_COUNTERS = {
     "frames": "Frames the camera delivered.",
-    "missed": "Frames lost at the camera (gaps in the device frame counter).",
+    "missed": "Frames lost at the camera (gaps in the device frame counter, replay lag drops).",
+    "incomplete": "Frames that arrived with missing packets (also counted in missed).",
     "reopens": "Times the camera was reopened after a fault.",
     "stalls": "Times the camera stopped delivering (stall timeout).",
     "errors": "Camera open/read errors.",
-    "lost_triggers": "Triggers whose frame never came.",
-    "bad_files": "Replay files that could not be decoded (skipped).",
-    "refused_frames": "Frames refused as unusable (oversized, bad format): fail-safed.",
-    "downscaled_frames": "Oversized frames downscaled before inference.",
+    "triggers": "Software/PLC triggers accepted.",
+    "refused_triggers": "Triggers refused (camera down or too many pending): fail-safed at once.",
+    "lost_triggers": "Accepted triggers whose frame never came: fail-safed.",
+    "unsolicited": "Frames that answered no trigger (dropped).",
+    "bad_files": "Replay files or video frames that could not be decoded (skipped).",
+    "refused": "Frames refused as unusable (oversized, bad format, empty): fail-safed.",
+    "downscaled": "Oversized frames downscaled before inference.",
+    "callback_errors": "Frames the daemon's callback failed on.",
 }
 _SPOOL_GAUGES = {
+    "pending": "Events accepted but not yet committed to the spool.",
     "unsent_events": "Events not yet acknowledged by Kafka.",
     "unsent_images": "Images not yet uploaded to S3.",
     "oldest_unsent_age_s": "Age of the oldest unsent event or image, seconds.",
     "bytes_used": "Spool bytes counted against the quota.",
     "quota_bytes": "Spool disk quota, bytes.",
     "usage_fraction": "Spool usage / quota.",
+    "image_bytes_held": "Image pixels held in memory waiting to be written, bytes.",
+}
+_SPOOL_COUNTERS = {
+    "submitted": "Events handed to the spool.",
+    "committed": "Events committed durably.",
+    "refused": "Events the spool refused (full or broken).",
+    "images_written": "Images written to the spool.",
+    "images_dropped": "Images dropped by the spool's memory bound (their events kept).",
+    "image_errors": "Images that could not be encoded or written.",
+    "dead_lettered": "Corrupt stored events moved to the dead-letter table.",
+    "commit_failures": "Spool commits that failed (disk full or stalled) and were retried.",
+}
+_FORWARDER_COUNTERS = {
+    "events_sent": "Events acknowledged by Kafka (acks=all).",
+    "images_sent": "Images stored in S3.",
+    "event_errors": "Kafka send errors.",
+    "image_errors": "S3 upload errors.",
 }
 
 
+def _rss_bytes(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return float(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def run_daemon(
-    config: LineConfig, config_path: Path | None, duration_s: float | None, status_line: bool
+    config: LineConfig,
+    config_path: Path | None,
+    duration_s: float | None,
+    status_line: bool,
+    ready_hooks: Sequence[Callable[[Daemon], None]] = (),
 ) -> tuple[ExitCode, Daemon]:
     """Run a daemon to completion in a fresh event loop; the daemon is returned for its stats."""
     daemon = Daemon(config, config_path)
+    daemon.ready_hooks.extend(ready_hooks)
     try:
         code = asyncio.run(daemon.run(duration_s, status_line))
     except Exception:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -106,6 +106,13 @@ class Metrics:
             "Events the spool could not accept (full or broken); the PLC verdict was unaffected.",
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "edge_event_loop_lag_ms",
+            "How late the event loop runs a timer (it keeps every deadline guard).",
+            buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000),
+            registry=r,
+        )
+        ProcessCollector(registry=r)
         self.heartbeat = Gauge("edge_plc_heartbeat", "Last heartbeat value written.", registry=r)
         self.alarms = Gauge(
             "edge_plc_alarm_word", "Alarm bits last written to the PLC.", registry=r

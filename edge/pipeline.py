@@ -108,6 +108,24 @@ class EventSink(Protocol):
     def submit(self, event: PartEvent, image: np.ndarray | None) -> bool: ...
 
 
+@dataclass(frozen=True, slots=True)
+class DecidedPart:
+    """One part's outcome, for observers (the operator page, drift watch, the bench)."""
+
+    frame: Frame
+    verdict: Verdict
+    reason: str
+    decision: Decision | None
+    recipe: int
+    model_id: str
+    e2e_ms: float | None
+    """Capture to PLC acknowledgement, None when the write missed its deadline."""
+
+
+Observer = Callable[[DecidedPart], None]
+"""Called on the loop for every decided part; must be O(1) and never block or raise."""
+
+
 class JobState(enum.Enum):
     QUEUED = "queued"
     INFERRING = "inferring"
@@ -127,10 +145,6 @@ class Job:
     guard: asyncio.TimerHandle | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
     decision: Decision | None = None
-
-
-RecipeOf = Callable[[Frame], "int | None"]
-"""The recipe a frame is decided by (None: the PLC selected one the config does not define)."""
 
 
 class Pipeline:
@@ -153,7 +167,6 @@ class Pipeline:
         stats: RunStats,
         camera_slots: dict[str, int],
         clock_ns: Callable[[], int] = time.monotonic_ns,
-        recipe_of: RecipeOf | None = None,
     ) -> None:
         self.settings = settings
         self.line = line
@@ -164,7 +177,6 @@ class Pipeline:
         self.metrics = metrics
         self.stats = stats
         self.camera_slots = camera_slots
-        self.recipe_of: RecipeOf = recipe_of or (lambda _f: 0)
         self._clock_ns = clock_ns
         self._budget_ns = int(settings.budget_ms * _MS)
         self._reserve_ns = int(settings.failsafe_reserve_ms * _MS)
@@ -179,6 +191,7 @@ class Pipeline:
         self.last_frame_ns = 0
         self.last_real_verdict_ns = 0
         self.started_ns = clock_ns()
+        self.observers: list[Observer] = []
         self._miss_log = Aggregator("deadline_miss")
         self._failsafe_log = Aggregator("failsafe", level="info")
         if pool is not None:
@@ -242,17 +255,21 @@ class Pipeline:
 
     # ---- admission (event loop) ----------------------------------------------------------
 
-    def submit(self, frame: Frame) -> None:
-        """Accept one frame; called on the loop for every frame a camera delivers."""
+    def submit(self, frame: Frame, recipe: int | None = 0) -> None:
+        """Accept one frame; called on the loop for every frame a camera delivers.
+
+        ``recipe`` is the product recipe that judges it (None: the PLC selected one the config
+        does not define, so the part is fail-safed, never guessed).
+        """
         now = self._clock_ns()
         slot = self.camera_slots[frame.camera_id]
-        job = Job(frame, slot, frame.captured_ns + self._budget_ns, now)
+        job = Job(frame, slot, frame.captured_ns + self._budget_ns, now, recipe=recipe or 0)
         self.metrics.frames.labels(frame.camera_id).inc()
         self.stats.frames += 1
         self.stats.per_camera_frames[frame.camera_id] += 1
         self.last_frame_ns = now
         self._track(job)
-        reason = self._refusal(job, now)
+        reason = FailsafeReason.RECIPE_UNKNOWN if recipe is None else self._refusal(job, now)
         if reason is not None:
             self._spawn(self._finish_failsafe(job, reason))
             return
@@ -262,8 +279,9 @@ class Pipeline:
         self._dispatch()
         self.metrics.queue_depth.set(len(self._queue))
 
-    def fail_part(self, camera_id: str, part_id: int, reason: FailsafeReason,
-                  captured_ns: int | None = None) -> None:
+    def fail_part(
+        self, camera_id: str, part_id: int, reason: FailsafeReason, captured_ns: int | None = None
+    ) -> None:
         """A part that will never have a frame (a missed or lost trigger): its fail-safe record.
 
         The deadline counts from when the part was announced (`captured_ns`, default now).
@@ -291,12 +309,8 @@ class Pipeline:
             return FailsafeReason.SHUTDOWN
         if job.deadline_ns - now <= self._reserve_ns:
             return FailsafeReason.LATE_ARRIVAL
-        if getattr(job.frame, "problem", None):
+        if job.frame.problem:
             return FailsafeReason.BAD_FRAME
-        recipe = self.recipe_of(job.frame)
-        if recipe is None:
-            return FailsafeReason.RECIPE_UNKNOWN
-        job.recipe = recipe
         pool = self.pool
         if pool is None or not pool.admits():
             return FailsafeReason.MODEL_DOWN
@@ -529,6 +543,17 @@ class Pipeline:
             )
         if self.sink is not None:
             self._emit(job, verdict, reason_name, decided_ns, result, model)
+        if self.observers:
+            part = DecidedPart(
+                job.frame, verdict, reason_name, job.decision, job.recipe,
+                model.model_id if model else "none",
+                job.stages_ms.get("total"),
+            )
+            for observe in self.observers:
+                try:
+                    observe(part)
+                except Exception:  # an observer's bug must never cost a frame
+                    log.exception("observer_failed", observer=getattr(observe, "__name__", "?"))
 
     def _emit(
         self,
@@ -564,7 +589,7 @@ class Pipeline:
             plc_outcome=result.outcome.value,
         )
         assert self.sink is not None
-        image = frame.image if frame.frame_id >= 0 else None
+        image = frame.image if frame.frame_id >= 0 and not frame.problem else None
         try:
             accepted = self.sink.submit(event, image)
         except Exception as exc:

@@ -126,6 +126,8 @@ class RunStats:
     )
     per_camera: collections.Counter[str] = field(default_factory=collections.Counter)
     per_camera_frames: collections.Counter[str] = field(default_factory=collections.Counter)
+    loop_lag_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """How late the event loop ran a 100 ms timer (sampled ten times a second)."""
 
     def record_verdict(self, camera: str, verdict: str, e2e_ms: float) -> None:
         self.verdicts[verdict] += 1
@@ -159,6 +161,7 @@ class RunStats:
             "spool_rejected": self.spool_rejected,
             "end_to_end_ms": self.e2e_ms.summary(),
             "stages_ms": {k: v.summary() for k, v in sorted(self.stages_ms.items())},
+            "event_loop_lag_ms": self.loop_lag_ms.summary(),
             "per_camera": {
                 cam: {"frames": self.per_camera_frames[cam], "decided": self.per_camera[cam]}
                 for cam in sorted(set(self.per_camera_frames) | set(self.per_camera))

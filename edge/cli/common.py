@@ -4,7 +4,7 @@ turning a refusal into a clear message with the documented exit code."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,3 +37,15 @@ def load_or_exit(path: Path | None, *, deep: bool = True) -> LineConfig:
         for problem in exc.problems:
             typer.echo(f"  {problem}", err=True)
         raise typer.Exit(CONFIG_ERROR_EXIT) from None
+
+
+def control_call(config: Path | None, cmd: str, args: dict[str, Any] | None = None,
+                 timeout_s: float = 300.0) -> Any:
+    """One command to the running daemon of the line `config` describes; exit 1 if refused."""
+    from edge.control import ControlError, call
+
+    cfg = load_or_exit(config, deep=False)
+    try:
+        return call(cfg.control_socket(), cmd, args, timeout_s)
+    except ControlError as exc:
+        raise fail(f"refused: {exc}", 1) from None

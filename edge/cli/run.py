@@ -65,8 +65,8 @@ def run(
 
 
 _CAMERA_LOSSES = (
-    "missed", "lost_triggers", "bad_files", "refused_frames", "downscaled_frames", "reopens",
-    "stalls",
+    "missed", "refused_triggers", "lost_triggers", "unsolicited", "bad_files", "refused",
+    "downscaled", "reopens", "stalls",
 )
 
 

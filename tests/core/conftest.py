@@ -28,6 +28,44 @@ class PlcProcess:
     proc: subprocess.Popen[bytes]
     records: list[tuple[int, int, int, int]] = field(default_factory=list)
     """(camera, sequence, part_id, verdict) in arrival order, as the server saw them."""
+    full: list[dict[str, int]] = field(default_factory=list)
+    """The same records with every field the simulator prints (recipe, reason)."""
+    _pump: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, port: int, cmd: list[str] | None = None) -> PlcProcess:
+        """`python -m plc.sim --log-records` (or `cmd`) on `port`, ready, its log collected."""
+        cmd = cmd or [sys.executable, "-u", "-m", "plc.sim", "--port", str(port),
+                      "--camera-slots", "4", "--log-records"]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        plc = cls(port, proc)
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.decode().split()
+                if line[:1] == ["READY"]:
+                    ready.set()
+                elif line[:1] == ["REC"]:
+                    values = [int(x) for x in line[1:]]
+                    plc.records.append(tuple(values[:4]))  # type: ignore[arg-type]
+                    keys = ("camera", "sequence", "part_id", "verdict", "recipe", "reason")
+                    plc.full.append(dict(zip(keys, values, strict=False)))
+
+        plc._pump = threading.Thread(target=pump, daemon=True)
+        plc._pump.start()
+        if not ready.wait(20):
+            plc.stop()
+            raise RuntimeError("PLC simulator did not print READY")
+        return plc
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+        if self._pump is not None:
+            self._pump.join(5)
 
     def read_record(self, slot: int) -> dict[str, int]:
         return mbpoll_record(self.port, slot)
@@ -53,41 +91,11 @@ def mbpoll_record(port: int, slot: int) -> dict[str, int]:
 @pytest.fixture
 def plc() -> Iterator[PlcProcess]:
     """A Modbus PLC simulator process; collects its per-record lines (independent accounting)."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-u",
-        "-m",
-        "plc.sim",
-        "--port",
-        str(port),
-        "--camera-slots",
-        "4",
-        "--log-records",
-    ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    plc = PlcProcess(port, proc)
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode().split()
-            if line[:1] == ["READY"]:
-                ready.set()
-            elif line[:1] == ["REC"]:
-                plc.records.append(tuple(int(x) for x in line[1:5]))  # type: ignore[arg-type]
-
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
+    proc = PlcProcess.start(free_port())
     try:
-        assert ready.wait(20), "PLC simulator did not print READY"
-        yield plc
+        yield proc
     finally:
-        stop_pid(proc)
-        t.join(5)
+        proc.stop()
 
 
 @pytest.fixture(scope="session")
