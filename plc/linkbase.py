@@ -121,6 +121,8 @@ class _Pending:
     label: str
     confirm: Callable[[float], Awaitable[bool]]
     """Reads back within the given timeout (s); True = applied. Raises like a request."""
+    record: tuple[int, int] | None = None
+    """(camera_index, sequence) when the write was a decision record."""
 
 
 class ReconnectingLink(abc.ABC):
@@ -144,6 +146,9 @@ class ReconnectingLink(abc.ABC):
         self._ring_hist: dict[int, deque[tuple[int, int]]] = {}
         """Ring mode, per camera: (sequence, time written ns) of the last ring_size records."""
         self._ack_seen: dict[int, int] = {}
+        self.on_write_confirmed: Callable[[int, int, bool], None] | None = None
+        """Called (camera_index, sequence, applied) when the read-back settles a decision record
+        whose write was UNKNOWN, so the daemon can give its event the final outcome."""
         self._connected = False
         self._closing = False
         self._lock: asyncio.Lock | None = None
@@ -434,6 +439,11 @@ class ReconnectingLink(abc.ABC):
                 self.stats.confirmed_applied += 1
             else:
                 self.stats.confirmed_not_applied += 1
+            if pend.record is not None and self.on_write_confirmed is not None:
+                try:
+                    self.on_write_confirmed(*pend.record, applied)
+                except Exception as exc:  # a consumer's bug must not break the link
+                    log.error("plc_confirm_callback_failed", error=repr(exc))
             log.warning(
                 "plc_write_confirmed", backend=self.backend, write=pend.label, applied=applied
             )
@@ -448,11 +458,13 @@ class ReconnectingLink(abc.ABC):
         deadline_ns: int,
         *,
         ring: tuple[int, int] | None = None,
+        record: tuple[int, int] | None = None,
     ) -> WriteResult:
         """Run one write under the rules in the module docstring.
 
         ``ring`` = (camera_index, sequence) for a record written into a ring: the slot it reuses
         must be free (see _ring_guard), and the write is remembered for the next guard.
+        ``record`` = (camera_index, sequence) of a decision record (for on_write_confirmed).
         """
         if self._lock is None:
             self.stats.failed += 1
@@ -496,12 +508,12 @@ class ReconnectingLink(abc.ABC):
             except asyncio.CancelledError:
                 # The caller gave up on us: the request may be on the wire.
                 self.stats.unknown += 1
-                self._mark_unknown(key, label, confirm, "cancelled in flight")
+                self._mark_unknown(key, label, confirm, "cancelled in flight", record)
                 if ring is not None:
                     self._ring_note(ring[0], ring[1], time.monotonic_ns())
                 raise
             except Exception as exc:  # timeout, connection lost in flight, socket error
-                self._mark_unknown(key, label, confirm, f"{type(exc).__name__}: {exc}")
+                self._mark_unknown(key, label, confirm, f"{type(exc).__name__}: {exc}", record)
                 self.stats.unknown += 1
                 if ring is not None:
                     self._ring_note(ring[0], ring[1], time.monotonic_ns())
@@ -605,9 +617,14 @@ class ReconnectingLink(abc.ABC):
         )
 
     def _mark_unknown(
-        self, key: str, label: str, confirm: Callable[[float], Awaitable[bool]], why: str
+        self,
+        key: str,
+        label: str,
+        confirm: Callable[[float], Awaitable[bool]],
+        why: str,
+        record: tuple[int, int] | None = None,
     ) -> None:
-        self._pending[key] = _Pending(label, confirm)
+        self._pending[key] = _Pending(label, confirm, record)
         self._connection_lost(f"write {label} outcome unknown: {why}")
 
     async def _read(self, read: Callable[[float], Awaitable[T]], deadline_ns: int) -> T | None:

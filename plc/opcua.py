@@ -189,6 +189,7 @@ class OpcUaLink(ReconnectingLink):
         return await self._write(
             f"record{cam}", f"cam{cam}#seq{record.sequence}", send, confirm, deadline_ns,
             ring=(cam, record.sequence) if self.ring else None,
+            record=(cam, record.sequence),
         )
 
     async def write_status(self, heartbeat: int, alarms: Alarm, deadline_ns: int) -> WriteResult:

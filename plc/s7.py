@@ -197,7 +197,7 @@ class S7Link(ReconnectingLink):
 
         return await self._write(
             f"record{cam}", f"cam{cam}#seq{record.sequence}", send, confirm, deadline_ns,
-            ring=(cam, record.sequence) if ring else None,
+            ring=(cam, record.sequence) if ring else None, record=(cam, record.sequence),
         )
 
     async def write_status(self, heartbeat: int, alarms: Alarm, deadline_ns: int) -> WriteResult:

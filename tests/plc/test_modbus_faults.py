@@ -184,6 +184,8 @@ async def test_hung_server_each_write_gives_up_in_budget_and_loop_stays_free(
 
 async def test_unknown_write_is_confirmed_by_read_back(sim: ModbusPlcSimulator) -> None:
     link = ModbusLink(ModbusSettings(port=sim.port or 0, simulator=True), 4)
+    confirmed: list[tuple[int, int, bool]] = []
+    link.on_write_confirmed = lambda cam, seq, applied: confirmed.append((cam, seq, applied))
     await link.start()
     assert await link.wait_connected(5)
     try:
@@ -198,6 +200,7 @@ async def test_unknown_write_is_confirmed_by_read_back(sim: ModbusPlcSimulator) 
         r = await link.write_decision(rec(8, cam=1), time.monotonic_ns() + 200 * MS)
         assert r.outcome is WriteOutcome.ACKED
         assert link.stats.confirmed_applied == 1 and link.stats.confirmed_not_applied == 0
+        assert confirmed == [(1, 7, True)]  # the daemon learns the final outcome of seq 7
         assert sim.read_record(1)["sequence"] == 8
     finally:
         await link.close()
