@@ -30,11 +30,11 @@ def deep_check(cfg: LineConfig) -> list[str]:
 
 def _check_model(cfg: LineConfig) -> list[str]:
     from edge.recipes import build_rules
-    from models.package import load_package
+    from models.package import verify_package
     from models.types import ModelPackageError
 
     try:
-        package = load_package(cfg.model.package)
+        package = verify_package(cfg.model.package, cfg.model.trusted_keys)
     except ModelPackageError as exc:
         return [f"model.package: {exc}"]
     except Exception as exc:  # a broken package must read as a config problem, not a crash

@@ -45,7 +45,7 @@ from edge.supervisor import Supervisor
 from edge.systemd import Notifier
 from models.config import ModelSettings
 from models.loader import load_detector
-from models.package import ModelPackage, load_package
+from models.package import ModelPackage, verify_package
 from plc.config import ModbusSettings
 from plc.factory import create_link, simulated_settings
 from plc.record import Alarm, WriteOutcome
@@ -323,7 +323,9 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         try:
-            package = await loop.run_in_executor(None, load_package, model.package)
+            package = await loop.run_in_executor(
+                None, verify_package, model.package, model.trusted_keys
+            )
             by_recipe = build_rules(self.config.recipes, decision, package)
         except Exception as exc:
             log.error("model_load_failed", package=str(model.package), error=str(exc))
@@ -359,11 +361,7 @@ class Daemon:
             error_threshold=p.model_error_threshold,
             load_timeout_s=p.model_load_timeout_s,
         )
-        pm = PoolModel(
-            package.info(model.runtime),
-            package.manifest.plc_model_id,
-            getattr(package, "digest", ""),
-        )
+        pm = PoolModel(package.info(model.runtime), package.manifest.plc_model_id, package.digest)
         try:
             await pool.start()
             self._set("model", True, pm.model_id)

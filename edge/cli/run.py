@@ -117,11 +117,12 @@ def swap_model(
     that fails to load is refused and the old model keeps running.
     """
     from edge.yamledit import update_yaml
-    from models.package import load_package
+    from models.package import verify_package
     from models.types import ModelPackageError
 
+    trusted = load_or_exit(config, deep=False).model.trusted_keys
     try:
-        pkg = load_package(package)
+        pkg = verify_package(package, trusted)
         update_yaml(config, [(["model", "package"], str(package.resolve()))])
     except (ModelPackageError, ValueError) as exc:
         typer.echo(f"refused: {exc}", err=True)

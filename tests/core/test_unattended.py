@@ -298,3 +298,46 @@ def test_plc_outage_is_logged_in_tens_of_lines_not_per_frame(
     per_frame = [x for x in d.lines if str(x.get("event", "")).startswith(
         ("deadline_miss", "failsafe"))]
     assert len(per_frame) <= 20, [x.get("event") for x in per_frame]
+
+
+def test_hand_edited_manifest_is_refused_by_check_swap_and_reload(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path
+) -> None:
+    """Regression (9.6): raising a threshold in manifest.json by hand (0.15 -> 0.99) was
+    accepted by `swap-model` and by the live daemon and turned every defect into OK, with the
+    same model id in the events. The package digest covers the manifest: refused everywhere, and
+    the events name the digest of the model that decided."""
+    import shutil
+    import sqlite3
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(demo_package, tampered)
+    manifest = tampered / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["thresholds"]["default"] = 0.99
+    manifest.write_text(json.dumps(doc, indent=2))
+    config = line_yaml(tmp_path, plc.port, demo_package)
+    (tmp_path / "bad").mkdir()
+    bad = line_yaml(tmp_path / "bad", plc.port, tampered)
+    r = subprocess.run([*EDGE, "config", "check", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "model.package" in r.stderr and "digest" in r.stderr, r.stderr
+    r = subprocess.run([*EDGE, "swap-model", str(tampered), "--config", str(config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "refused" in r.stderr, r.stderr
+    with running_daemon(config, tmp_path) as d:
+        wait_until(lambda: len(plc.records) >= 10, 30, "frames decided")
+        config.write_text(config.read_text().replace(str(demo_package), str(tampered)))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: d.event("reload_rejected") is not None, 30, "reload refused")
+        n = len(plc.records)
+        wait_until(lambda: len(plc.records) > n + 10, 30, "frames after the refused reload")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    digest = (demo_package / "package.digest").read_text()
+    db = tmp_path / "spool" / "spool.db"
+    with sqlite3.connect(db) as conn:
+        payloads = [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events")]
+    assert payloads and {p["model_digest"] for p in payloads} == {
+        p["model_digest"] for p in payloads[:1]}
+    assert payloads[0]["model_digest"] and payloads[0]["model_digest"] in digest
