@@ -35,6 +35,7 @@ from edge.decision import Decision, DecisionRules
 from edge.logs import configure_logging
 from edge.shm import SlotPool, SlotReader, SlotRef
 from models.config import ModelSettings
+from models.drift import FrameStats, frame_stats
 from models.loader import load_detector
 from models.types import Detector, ModelError, ModelInfo
 
@@ -50,6 +51,8 @@ class BatchOutput:
     compute_ns: int
     """Wall time of the whole batch inside the worker: the service time admission control
     learns from (never the time a respawn or a full pipe took)."""
+    stats: list[FrameStats] | None = None
+    """Per frame, the drift watch's statistics (when asked for)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ def run_batch(
     rules: Mapping[int, DecisionRules],
     items: Sequence[BatchItem],
     masks: bool,
+    stats: bool = False,
 ) -> BatchOutput:
     """Every CPU-heavy step of one batch, timed per stage (runs inside the worker)."""
     t0 = time.perf_counter_ns()
@@ -101,6 +105,11 @@ def run_batch(
             raise ModelError(f"no decision rules for recipe {it.recipe}")
         decisions.append(_without_masks(recipe_rules.decide(dets, it.image.shape, it.camera_id)))
     t4 = time.perf_counter_ns()
+    frame_stats_ = (
+        [frame_stats(it.image, dets) for it, dets in zip(items, detections, strict=True)]
+        if stats
+        else None
+    )
     return BatchOutput(
         decisions,
         {
@@ -110,6 +119,7 @@ def run_batch(
             "decide": (t4 - t3) / _MS,
         },
         t4 - t0,
+        frame_stats_,
     )
 
 
@@ -130,8 +140,11 @@ class Worker(Protocol):
         """Load the model; ModelError if it cannot (the worker is then dead)."""
         ...
 
-    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
-        """Start one batch; the future fails with ModelError if the worker fails or dies."""
+    def send(
+        self, items: Sequence[BatchItem], masks: bool, stats: bool = False
+    ) -> asyncio.Future[BatchOutput]:
+        """Start one batch; the future fails with ModelError if the worker fails or dies.
+        ``stats``: also compute each frame's drift statistics."""
         ...
 
     def kill(self, reason: str) -> bool:
@@ -175,13 +188,13 @@ def _child_main(
                 break
             if msg is None:
                 break
-            batch_id, refs, cameras, recipes, masks = msg
+            batch_id, refs, cameras, recipes, masks, stats = msg
             try:
                 items = [
                     BatchItem(reader.view(ref), cam, recipe)
                     for ref, cam, recipe in zip(refs, cameras, recipes, strict=True)
                 ]
-                out = run_batch(detector, rules, items, masks)
+                out = run_batch(detector, rules, items, masks, stats)
                 del items
                 conn.send(("ok", batch_id, out))
             except Exception as exc:  # one bad batch is one set of fail-safes, not a dead worker
@@ -258,7 +271,9 @@ class ProcessWorker:
         log.info("inference_process_ready", worker=self.name, pid=proc.pid, model=info.model_id)
         return info
 
-    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
+    def send(
+        self, items: Sequence[BatchItem], masks: bool, stats: bool = False
+    ) -> asyncio.Future[BatchOutput]:
         assert self._loop is not None and self._conn is not None
         fut: asyncio.Future[BatchOutput] = self._loop.create_future()
         if self._dead:
@@ -273,7 +288,14 @@ class ProcessWorker:
                 used.append(index)
                 refs.append(ref)
             self._conn.send(
-                (batch_id, refs, [it.camera_id for it in items], [it.recipe for it in items], masks)
+                (
+                    batch_id,
+                    refs,
+                    [it.camera_id for it in items],
+                    [it.recipe for it in items],
+                    masks,
+                    stats,
+                )
             )
         except (OSError, ValueError, IndexError) as exc:
             self._slots.release(used)
@@ -428,7 +450,9 @@ class ThreadWorker:
             raise ModelError(f"model did not load in {timeout_s:g}s") from None
         return self._detector.info
 
-    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
+    def send(
+        self, items: Sequence[BatchItem], masks: bool, stats: bool = False
+    ) -> asyncio.Future[BatchOutput]:
         loop = asyncio.get_running_loop()
         det = self._detector
         if det is None:
@@ -436,7 +460,9 @@ class ThreadWorker:
             fut.set_exception(ModelError(f"worker {self.name} has no model"))
             return fut
         self.inflight += 1
-        fut = loop.run_in_executor(self._pool, run_batch, det, self.rules, list(items), masks)
+        fut = loop.run_in_executor(
+            self._pool, run_batch, det, self.rules, list(items), masks, stats
+        )
 
         def done(_f: asyncio.Future[BatchOutput]) -> None:
             self.inflight -= 1

@@ -44,6 +44,7 @@ from edge.metrics import Metrics
 from edge.plcqueue import DeadlineOrderedLink
 from edge.pool import InferencePool, PoolModel
 from edge.stats import RunStats
+from models.drift import FrameStats
 from models.types import Detection
 from plc.record import (
     DecisionRecord,
@@ -120,6 +121,8 @@ class DecidedPart:
     model_id: str
     e2e_ms: float | None
     """Capture to PLC acknowledgement, None when the write missed its deadline."""
+    stats: FrameStats | None = None
+    """The frame's drift statistics (when the pipeline collects them)."""
 
 
 Observer = Callable[[DecidedPart], None]
@@ -145,6 +148,7 @@ class Job:
     guard: asyncio.TimerHandle | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
     decision: Decision | None = None
+    stats: FrameStats | None = None
 
 
 class Pipeline:
@@ -192,6 +196,8 @@ class Pipeline:
         self.last_real_verdict_ns = 0
         self.started_ns = clock_ns()
         self.observers: list[Observer] = []
+        self.collect_stats = False
+        """Ask the workers for each frame's drift statistics (the drift watch sets it)."""
         self._miss_log = Aggregator("deadline_miss")
         self._failsafe_log = Aggregator("failsafe", level="info")
         if pool is not None:
@@ -388,6 +394,7 @@ class Pipeline:
             fut = pool.submit(
                 [BatchItem(j.frame.image, j.frame.camera_id, j.recipe) for j in batch],
                 self.settings.masks,
+                self.collect_stats,
             )
             fut.add_done_callback(
                 lambda f, jobs=batch, m=model: self._batch_done(f, jobs, m)  # type: ignore[misc]
@@ -405,9 +412,10 @@ class Pipeline:
             return
         out = fut.result()
         self.metrics.batch_size.observe(len(batch))
-        for job, decision in zip(batch, out.decisions, strict=True):
+        for i, (job, decision) in enumerate(zip(batch, out.decisions, strict=True)):
             job.stages_ms.update(out.stages_ms)
             job.decision = decision
+            job.stats = out.stats[i] if out.stats else None
             if job.claimed:
                 self.metrics.late_results.labels(job.frame.camera_id).inc()
                 self.stats.late_results += 1
@@ -548,6 +556,7 @@ class Pipeline:
                 job.frame, verdict, reason_name, job.decision, job.recipe,
                 model.model_id if model else "none",
                 job.stages_ms.get("total"),
+                job.stats,
             )
             for observe in self.observers:
                 try:
