@@ -242,6 +242,8 @@ class Daemon:
             self.stats,
             slots,
         )
+        if hasattr(self.plc.link, "on_write_confirmed"):
+            self.plc.link.on_write_confirmed = self.pipeline.write_confirmed
 
         if cfg.observability.enabled:
             obs = cfg.observability

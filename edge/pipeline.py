@@ -108,6 +108,8 @@ class EventSink(Protocol):
 
     def submit(self, event: PartEvent, image: np.ndarray | None) -> bool: ...
 
+    def amend(self, event_id: str, changes: dict[str, object]) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class DecidedPart:
@@ -196,6 +198,9 @@ class Pipeline:
         self.last_real_verdict_ns = 0
         self.started_ns = clock_ns()
         self.observers: list[Observer] = []
+        self._unknown: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
+        """(camera slot, sequence) -> event id of records whose write outcome is unknown, until
+        the link's read-back settles them (bounded: the link keeps one per slot)."""
         self.collect_stats = False
         """Ask the workers for each frame's drift statistics (the drift watch sets it)."""
         self._miss_log = Aggregator("deadline_miss")
@@ -422,6 +427,18 @@ class Pipeline:
                 continue
             self._spawn(self._finish(job, decision.verdict, FailsafeReason.NONE, model))
 
+    def write_confirmed(self, slot: int, sequence: int, applied: bool) -> None:
+        """The link's read-back settled an outcome-unknown record: give its event the final
+        outcome (the spool patches it if unsent and sends an amendment either way)."""
+        event_id = self._unknown.pop((slot, sequence), None)
+        if event_id is None or self.sink is None:
+            return
+        outcome = "confirmed_applied" if applied else "confirmed_not_applied"
+        try:
+            self.sink.amend(event_id, {"plc_outcome": outcome})
+        except Exception as exc:
+            log.error("spool_amend_raised", error=repr(exc))
+
     # ---- finishing: claim, write, account ----------------------------------------------------
 
     async def _finish_failsafe(self, job: Job, reason: FailsafeReason) -> None:
@@ -598,6 +615,10 @@ class Pipeline:
             plc_outcome=result.outcome.value,
         )
         assert self.sink is not None
+        if result.outcome is WriteOutcome.UNKNOWN and job.sequence is not None:
+            self._unknown[(job.slot, job.sequence)] = event.event_id
+            while len(self._unknown) > 1024:
+                self._unknown.popitem(last=False)
         image = frame.image if frame.frame_id >= 0 and not frame.problem else None
         try:
             accepted = self.sink.submit(event, image)

@@ -285,3 +285,34 @@ def test_plc_triggered_parts_on_s7_and_opcua(
             assert d.proc.wait(30) == 0
     finally:
         stop()
+
+
+def test_unknown_write_later_confirmed_updates_its_event(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path
+) -> None:
+    """Regression: an `unknown` write (PLC stalled mid-request) later confirmed applied stayed
+    `unknown` in its event. Now the read-back's answer reaches the spool: the unsent event is
+    patched and an amendment event names the original."""
+    import os
+    import sqlite3
+
+    config = line_yaml(tmp_path, plc.port, demo_package)
+    with running_daemon(config, tmp_path) as d:
+        wait_until(lambda: len(plc.records) >= 10, 30, "frames decided")
+        os.killpg(plc.proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: d.event("plc_unavailable") is not None, 10, "a write in limbo")
+        finally:
+            os.killpg(plc.proc.pid, signal.SIGCONT)
+        wait_until(lambda: d.event("plc_write_confirmed") is not None, 20, "the read-back")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0
+    with sqlite3.connect(tmp_path / "spool" / "spool.db") as conn:
+        events = [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events")]
+    amendments = [e for e in events if e.get("kind") == "amendment"]
+    assert amendments, "no amendment event for the confirmed write"
+    by_id = {e["event_id"]: e for e in events}
+    for a in amendments:
+        assert a["changes"]["plc_outcome"].startswith("confirmed_"), a
+        original = by_id[a["amends"]]
+        assert original["plc_outcome"] == a["changes"]["plc_outcome"], original
