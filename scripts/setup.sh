@@ -17,6 +17,8 @@ apt_test_packages=(
   libgirepository1.0-dev libcairo2-dev pkg-config  # to build PyGObject (the aravis extra)
   iproute2 util-linux # ip, unshare: private network namespaces for GigE Vision tests
   systemd             # systemd-analyze verify for the unit file
+  prometheus          # promtool: check and unit-test the alert rules (configs/monitoring)
+  chromium            # headless browser that loads the operator page in its test
   gcc
 )
 
