@@ -19,6 +19,7 @@ from ruamel.yaml.error import YAMLError
 from camera.config import CameraSettings
 from edge.control import ControlSettings
 from edge.decision import DecisionSettings
+from edge.lifecycle import LifecycleSettings
 from edge.pipeline import PipelineSettings
 from edge.plcinputs import PlcInputSettings
 from edge.recipes import RecipesSettings
@@ -75,6 +76,8 @@ class LineConfig(BaseModel):
     """Product recipes selected by the PLC or `edge recipe set` (None: the `decision` rules)."""
     plc_inputs: PlcInputSettings = Field(default_factory=PlcInputSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    """Gates of `edge model promote` and of the canary's automatic rollback."""
     state_dir: Path | None = None
     """Where the daemon keeps what it must remember across restarts (selected recipe, control
     socket, model store state); None: `state` beside the spool directory."""

@@ -33,12 +33,13 @@ from edge.control import ControlError, ControlServer
 from edge.decision import DecisionSettings
 from edge.http import ObservabilityServer
 from edge.inference import ProcessWorker, ThreadWorker, Worker
+from edge.lifecycle import ModelManager
 from edge.logs import configure_logging
 from edge.metrics import Metrics, Sample, SnapshotCollector
 from edge.pipeline import Pipeline
 from edge.plcinputs import PlcInputWatcher
 from edge.plcqueue import DeadlineOrderedLink
-from edge.pool import InferencePool, PoolModel
+from edge.pool import CANDIDATE_NICE, InferencePool, PoolModel
 from edge.recipes import RecipeBook, build_rules
 from edge.stats import RunStats
 from edge.supervisor import Supervisor
@@ -104,6 +105,8 @@ class ActiveModel:
     pool: InferencePool
     model: PoolModel
     package: ModelPackage
+    settings: ModelSettings
+    """The model settings it runs with (model.package = this package)."""
 
 
 class Daemon:
@@ -125,6 +128,7 @@ class Daemon:
         self.workers: dict[str, CameraWorker] = {}
         self.recipes = RecipeBook(config.recipes, config.state_path() / "recipe.json")
         self.inputs: PlcInputWatcher | None = None
+        self.models: ModelManager | None = None
         self.control: ControlServer | None = None
         self.heartbeat = 0
         self.alarms = Alarm(0)
@@ -217,7 +221,11 @@ class Daemon:
         if not await self.plc.wait_connected(cfg.status.plc_startup_wait_s):
             log.error("plc_not_connected_at_start", waited_s=cfg.status.plc_startup_wait_s)
 
-        self.active = await self._start_model(cfg.model, cfg.decision, "active")
+        self.models = ModelManager(self, cfg.lifecycle)
+        package = await loop.run_in_executor(None, self.models.startup_package)
+        self.active = await self.start_model(
+            cfg.model.model_copy(update={"package": package}), cfg.decision, "active"
+        )
 
         self.spool = Spool(cfg.uplink, line=cfg.line)
         try:
@@ -244,6 +252,7 @@ class Daemon:
         )
         if hasattr(self.plc.link, "on_write_confirmed"):
             self.plc.link.on_write_confirmed = self.pipeline.write_confirmed
+        self.pipeline.observers.append(self.models.observe)
 
         if cfg.observability.enabled:
             obs = cfg.observability
@@ -314,8 +323,13 @@ class Daemon:
             self.inputs = watcher
             self.supervisor.spawn("plc-inputs", watcher.run)
 
-    async def _start_model(
-        self, model: ModelSettings, decision: DecisionSettings, role: str
+    async def start_model(
+        self,
+        model: ModelSettings,
+        decision: DecisionSettings,
+        role: str,
+        workers: int | None = None,
+        nice: int = 0,
     ) -> ActiveModel | None:
         """Verify the package and start its worker pool.
 
@@ -342,7 +356,7 @@ class Daemon:
         p = self.config.pipeline
         log_cfg = (self.config.logging.level, self.config.logging.format)
 
-        def factory(name: str, on_death: Any) -> Worker:
+        def factory(name: str, on_death: Any, nice: int) -> Worker:
             if p.isolation == "process":
                 return ProcessWorker(
                     name,
@@ -351,26 +365,28 @@ class Daemon:
                     slots=p.worker_depth * p.max_batch,
                     logging_cfg=log_cfg,
                     on_death=on_death,
+                    nice=nice,
                 )
             return ThreadWorker(name, lambda: load_detector(settings), by_recipe, on_death=on_death)
 
         pool = InferencePool(
             f"{role}:{package.manifest.name}-{package.manifest.version}",
             factory,
-            workers=p.worker_count(model.intra_op_threads),
+            workers=workers or p.worker_count(model.intra_op_threads),
             depth=p.worker_depth,
             hang_s=p.model_hang_s,
             error_threshold=p.model_error_threshold,
             load_timeout_s=p.model_load_timeout_s,
+            nice=nice,
         )
         pm = PoolModel(package.info(model.runtime), package.manifest.plc_model_id, package.digest)
         try:
             await pool.start()
-            self._set("model", True, pm.model_id)
         except Exception as exc:
-            log.error("model_workers_not_ready", model=pm.model_id, error=str(exc))
-            self._set("model", False, f"workers not ready: {exc}")
-        return ActiveModel(pool, pm, package)
+            log.error("model_workers_not_ready", model=pm.model_id, role=role, error=str(exc))
+            if role == "active" and self.active is None:
+                self._set("model", False, f"workers not ready: {exc}")
+        return ActiveModel(pool, pm, package, model)
 
     # ---- camera threads -> loop ----------------------------------------------------------
 
@@ -496,6 +512,8 @@ class Daemon:
         while True:
             self.supervisor.beat("housekeeping")
             self._check_model()
+            if self.models is not None:
+                await self.models.watch()
             if self.plc is not None:
                 self.metrics.plc_pending.set(self.plc.pending)
             if self.pipeline is not None:
@@ -592,6 +610,8 @@ class Daemon:
         }
         if self.active is not None:
             doc["model"] = self.active.pool.health()
+        if self.models is not None:
+            doc["models"] = self.models.status()
         doc["recipe"] = self.recipes.describe()
         if self.inputs is not None:
             doc["plc_inputs"] = self.inputs.stats()
@@ -674,11 +694,49 @@ class Daemon:
             "status": self._cmd_status,
             "recipe.get": self._cmd_recipe_get,
             "recipe.set": self._cmd_recipe_set,
+            "model.status": self._cmd_model_status,
+            "model.activate": self._cmd_model_activate,
+            "model.rollback": self._cmd_model_rollback,
+            "model.shadow": self._cmd_model_shadow,
+            "model.promote": self._cmd_model_promote,
         }
 
     async def _cmd_status(self, _args: dict[str, Any]) -> dict[str, Any]:
         ok, doc = self.health()
         return {"healthy": ok, **doc}
+
+    def _manager(self) -> ModelManager:
+        if self.models is None:
+            raise ControlError("the daemon is still starting")
+        return self.models
+
+    async def _cmd_model_status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return self._manager().status()
+
+    async def _cmd_model_activate(self, args: dict[str, Any]) -> dict[str, Any]:
+        ref = args.get("package")
+        if not isinstance(ref, str) or not ref:
+            raise ControlError("give a package directory or NAME:VERSION")
+        canary = args.get("canary")
+        if canary is not None and not isinstance(canary, int | float):
+            raise ControlError("--canary is a number between 0 and 1")
+        return await self._manager().activate(ref, canary)
+
+    async def _cmd_model_rollback(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return await self._manager().rollback()
+
+    async def _cmd_model_shadow(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("stop"):
+            return await self._manager().stop_shadow()
+        ref, sample = args.get("package"), args.get("sample", 0.1)
+        if not isinstance(ref, str) or not ref:
+            raise ControlError("give a package directory or NAME:VERSION (or --stop)")
+        if not isinstance(sample, int | float):
+            raise ControlError("--sample is a number in (0, 1]")
+        return await self._manager().start_shadow(ref, float(sample))
+
+    async def _cmd_model_promote(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return await self._manager().promote()
 
     async def _cmd_recipe_get(self, _args: dict[str, Any]) -> dict[str, object]:
         return self.recipes.describe()
@@ -758,28 +816,35 @@ class Daemon:
         return True
 
     async def _activate(self, model: ModelSettings, decision: DecisionSettings) -> bool:
-        """Start a model beside the running one; switch between batches once it is ready."""
+        """SIGHUP: start the new model/rules beside the running one; switch between batches."""
         assert self.pipeline is not None
-        candidate = await self._start_model(model, decision, "active")
+        candidate = await self.start_model(model, decision, "active", nice=CANDIDATE_NICE)
         if candidate is None or not candidate.pool.up:
             if candidate is not None:
                 await candidate.pool.close(0)
             current = self.active
-            if current is not None:
-                self._set("model", current.pool.up, current.model.model_id)
             log.error("reload_model_rejected", kept=current.model.model_id if current else None)
             return False
+        self.switch_active(candidate)
+        if self.models is not None:
+            self.models.yaml_activated(candidate.package)
+        log.info("reload_model_applied", model=candidate.model.model_id)
+        return True
+
+    def switch_active(self, candidate: ActiveModel) -> None:
+        """Parts go to `candidate` from the next batch on; the old workers finish and stop."""
+        assert self.pipeline is not None
+        candidate.pool.renice(0)
         previous = self.active
         self.active = candidate
         self.pipeline.swap_model(candidate.pool, candidate.model)
-        self._set("model", True, candidate.model.model_id)
+        self._set("model", candidate.pool.up, candidate.model.model_id)
+        self.config = self.config.model_copy(update={"model": candidate.settings})
         if previous is not None:
             # Batches already running on the old workers finish first; then they stop.
             task = asyncio.ensure_future(previous.pool.close(self.config.pipeline.model_hang_s))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
-        log.info("reload_model_applied", model=candidate.model.model_id)
-        return True
 
     # ---- stop ----------------------------------------------------------------------------
 
@@ -811,6 +876,9 @@ class Daemon:
         for task in list(self._retiring):
             with contextlib.suppress(Exception):
                 await task
+        if self.models is not None:
+            with contextlib.suppress(Exception):
+                await self.models.close()
         if self.active is not None:
             with contextlib.suppress(Exception):
                 await self.active.pool.close(0.5)
@@ -838,6 +906,9 @@ class Daemon:
                 "sequence_gaps": c.sequence_gaps,
                 "heartbeats_received": c.heartbeats_received,
             }
+            program = self.plc_sim.program_counters()
+            if program is not None:
+                s["plc_simulator"]["program"] = program.as_dict()
         return s
 
 

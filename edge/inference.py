@@ -151,6 +151,10 @@ class Worker(Protocol):
         """Stop a hung worker if possible (True if it will die)."""
         ...
 
+    def renice(self, nice: int) -> None:
+        """Change the worker's CPU priority (a candidate loads niced, then serves at 0)."""
+        ...
+
     async def close(self, timeout_s: float = 2.0) -> None: ...
 
 
@@ -388,6 +392,16 @@ class ProcessWorker:
         log.error("inference_process_killed", worker=self.name, pid=proc.pid, reason=reason)
         return True
 
+    def renice(self, nice: int) -> None:
+        proc = self._proc
+        if proc is None or self._dead:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+        except OSError as exc:  # lowering needs CAP_SYS_NICE or LimitNICE (systemd unit)
+            log.warning("inference_renice_failed", worker=self.name, nice=nice, error=str(exc),
+                        fix="allow it with LimitNICE=+0 in the unit (systemd/edge.service)")
+
     async def close(self, timeout_s: float = 2.0) -> None:
         proc, conn = self._proc, self._conn
         if proc is None or self._dead:
@@ -472,6 +486,9 @@ class ThreadWorker:
 
     def kill(self, reason: str) -> bool:
         return False  # a thread cannot be stopped; the deadline guard fail-safes its frames
+
+    def renice(self, nice: int) -> None:
+        return None  # threads share the daemon's priority
 
     async def close(self, timeout_s: float = 2.0) -> None:
         self._closed.set()

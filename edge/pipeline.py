@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -125,6 +126,8 @@ class DecidedPart:
     """Capture to PLC acknowledgement, None when the write missed its deadline."""
     stats: FrameStats | None = None
     """The frame's drift statistics (when the pipeline collects them)."""
+    canary: bool = False
+    event_id: str | None = None
 
 
 Observer = Callable[[DecidedPart], None]
@@ -151,6 +154,9 @@ class Job:
     stages_ms: dict[str, float] = field(default_factory=dict)
     decision: Decision | None = None
     stats: FrameStats | None = None
+    canary: bool = False
+    """Decided by the canary model (a sample of parts while a candidate is being tried)."""
+    event_id: str | None = None
 
 
 class Pipeline:
@@ -201,6 +207,8 @@ class Pipeline:
         self._unknown: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
         """(camera slot, sequence) -> event id of records whose write outcome is unknown, until
         the link's read-back settles them (bounded: the link keeps one per slot)."""
+        self.canary: tuple[InferencePool, PoolModel] | None = None
+        self.canary_fraction = 0.0
         self.collect_stats = False
         """Ask the workers for each frame's drift statistics (the drift watch sets it)."""
         self._miss_log = Aggregator("deadline_miss")
@@ -379,22 +387,39 @@ class Pipeline:
     # ---- dispatch to the inference pool ---------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Hand queued frames to workers with room; called on submit and when a batch ends."""
-        pool, model = self.pool, self.model
-        if pool is None or model is None:
+        """Hand queued frames to workers with room; called on submit and when a batch ends.
+
+        With a canary, a deterministic share of parts goes to the candidate's pool (when it has
+        room and its breaker is closed; otherwise the part stays with the active model: a canary
+        is a sample, never a reason to make a part wait).
+        """
+        active = self.pool, self.model
+        if active[0] is None or active[1] is None:
             return
-        while self._queue and pool.has_capacity():
+        while self._queue:
+            head = self._queue[0]
+            if head.claimed:
+                self._queue.popleft()
+                continue
+            pool, model = self._route(head)
+            if not pool.has_capacity():
+                break
             batch: list[Job] = []
             while self._queue and len(batch) < self.settings.max_batch:
-                job = self._queue.popleft()
+                job = self._queue[0]
+                if not job.claimed and batch and self._route(job)[0] is not pool:
+                    break
+                self._queue.popleft()
                 if not job.claimed:
                     batch.append(job)
             if not batch:
-                break
+                continue
             start = self._clock_ns()
             self._inferring += len(batch)
+            canary = self.canary is not None and pool is self.canary[0]
             for job in batch:
                 job.state = JobState.INFERRING
+                job.canary = canary
                 job.stages_ms["queue"] = (start - job.received_ns) / _MS
             fut = pool.submit(
                 [BatchItem(j.frame.image, j.frame.camera_id, j.recipe) for j in batch],
@@ -405,6 +430,31 @@ class Pipeline:
                 lambda f, jobs=batch, m=model: self._batch_done(f, jobs, m)  # type: ignore[misc]
             )
         self.metrics.queue_depth.set(len(self._queue))
+
+    def _route(self, job: Job) -> tuple[InferencePool, PoolModel]:
+        canary, pool, model = self.canary, self.pool, self.model
+        assert pool is not None and model is not None
+        if (
+            canary is not None
+            and sampled(f"{job.frame.camera_id}/{job.frame.part_id}", self.canary_fraction)
+            and canary[0].admits()
+            and canary[0].has_capacity()
+        ):
+            return canary
+        return pool, model
+
+    def set_canary(self, pool: InferencePool, model: PoolModel, fraction: float) -> None:
+        """Let `pool` decide a deterministic `fraction` of parts from now on."""
+        self.canary, self.canary_fraction = (pool, model), fraction
+        pool.on_capacity = self._dispatch
+
+    def clear_canary(self) -> InferencePool | None:
+        """Stop routing to the canary; returns its pool (its running batches still finish)."""
+        canary, self.canary = self.canary, None
+        if canary is None:
+            return None
+        canary[0].on_capacity = lambda: None
+        return canary[0]
 
     def _batch_done(
         self, fut: asyncio.Future[BatchOutput], batch: list[Job], model: PoolModel
@@ -574,6 +624,8 @@ class Pipeline:
                 model.model_id if model else "none",
                 job.stages_ms.get("total"),
                 job.stats,
+                job.canary,
+                job.event_id,
             )
             for observe in self.observers:
                 try:
@@ -600,9 +652,9 @@ class Pipeline:
             part_id=frame.part_id,
             sequence=job.sequence,
             frame_id=frame.frame_id,
-            captured_at=_rfc3339(wall0),
-            decided_at=_rfc3339(wall0 + decided_ns - mono0),
-            plc_acked_at=_rfc3339(wall0 + result.acked_ns - mono0) if result.acked_ns else None,
+            captured_at=rfc3339(wall0),
+            decided_at=rfc3339(wall0 + decided_ns - mono0),
+            plc_acked_at=rfc3339(wall0 + result.acked_ns - mono0) if result.acked_ns else None,
             verdict=verdict.name,
             reason=reason_name
             if verdict is Verdict.FAILSAFE_REJECT
@@ -610,10 +662,12 @@ class Pipeline:
             model_id=model.model_id if model else "none",
             model_digest=model.digest if model else None,
             recipe=job.recipe,
-            detections=[_detection_dict(d) for d in counted],
+            detections=[detection_dict(d) for d in counted],
             latency_ms={k: round(v, 3) for k, v in job.stages_ms.items()},
             plc_outcome=result.outcome.value,
+            canary=job.canary,
         )
+        job.event_id = event.event_id
         assert self.sink is not None
         if result.outcome is WriteOutcome.UNKNOWN and job.sequence is not None:
             self._unknown[(job.slot, job.sequence)] = event.event_id
@@ -630,7 +684,17 @@ class Pipeline:
             self.stats.spool_rejected += 1
 
 
-def _detection_dict(d: Detection) -> dict[str, object]:
+def sampled(key: str, fraction: float) -> bool:
+    """Deterministic per key (a part): restarts and replays pick the same parts, no RNG state."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def detection_dict(d: Detection) -> dict[str, object]:
     return {
         "class": d.class_name,
         "score": round(d.score, 4),
@@ -640,6 +704,6 @@ def _detection_dict(d: Detection) -> dict[str, object]:
     }
 
 
-def _rfc3339(wall_ns: int) -> str:
+def rfc3339(wall_ns: int) -> str:
     secs, ns = divmod(wall_ns, 1_000_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns // 1000:06d}Z"

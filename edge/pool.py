@@ -35,8 +35,8 @@ from models.types import ModelError, ModelInfo
 
 log = structlog.get_logger(__name__)
 
-WorkerFactory = Callable[[str, Callable[[Worker, str], None]], Worker]
-"""(worker name, on_death) -> a not yet started Worker."""
+WorkerFactory = Callable[[str, Callable[[Worker, str], None], int], Worker]
+"""(worker name, on_death, nice) -> a not yet started Worker."""
 
 _ESTIMATE_WINDOW_S = 10.0
 _ESTIMATE_SAMPLES = 64
@@ -47,6 +47,10 @@ _HEALTHY_RESET_S = 60.0
 _BREAKER_MIN_S = 1.0
 _BREAKER_MAX_S = 30.0
 RESTART_WINDOW_S = 300.0
+CANDIDATE_NICE = 10
+"""A model loading beside the running one does so at low CPU priority (its session build and
+warm-up must not take the cores the active workers decide parts on); it is reniced to 0 when it
+starts deciding parts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +79,11 @@ class InferencePool:
         load_timeout_s: float = 120.0,
         on_capacity: Callable[[], None] | None = None,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        nice: int = 0,
     ) -> None:
         self.name = name
+        self.nice = nice
+        """CPU niceness of this pool's workers (respawns included)."""
         self._factory = factory
         self.size = workers
         self.depth = depth
@@ -123,7 +130,7 @@ class InferencePool:
 
     async def _start_one(self, index: int) -> ModelInfo:
         name = f"{self.name}-{index}"
-        worker = self._factory(name, self._worker_died)
+        worker = self._factory(name, self._worker_died, self.nice)
         self.workers[index] = worker
         try:
             info = await worker.start(self.load_timeout_s)
@@ -176,6 +183,13 @@ class InferencePool:
             info = await self._start_one(index)
             if self.info is None:
                 self.info = info
+
+    def renice(self, nice: int) -> None:
+        """A candidate loaded at low priority becomes the one that serves parts."""
+        self.nice = nice
+        for w in self.workers:
+            if w is not None:
+                w.renice(nice)
 
     def restarts_in_window(self) -> int:
         cutoff = time.monotonic() - RESTART_WINDOW_S

@@ -18,7 +18,7 @@ app = typer.Typer(
 
 def _mount_subcommands() -> None:
     from edge import bench
-    from edge.cli import camera, model, plc, recipe, run, uplink
+    from edge.cli import camera, lifecycle, model, plc, recipe, run, uplink
 
     app.command("run")(run.run)
     app.add_typer(run.config_app, name="config")
@@ -27,6 +27,7 @@ def _mount_subcommands() -> None:
     app.add_typer(camera.app, name="camera")
     app.add_typer(plc.app, name="plc")
     app.add_typer(uplink.app, name="uplink")
+    lifecycle.register(model.app)
     app.add_typer(model.app, name="model")
     app.add_typer(recipe.app, name="recipe")
     app.command("calibrate")(camera.calibrate_command)

@@ -30,10 +30,14 @@ from ruamel.yaml import YAML, YAMLError
 from plc.config import ModbusSettings, OpcUaSettings, PlcSettings, S7Settings
 from plc.factory import create_link, simulated_settings
 from plc.layout import (
+    RECIPE_BYTE,
+    RECIPE_WORD,
     RECORD_BYTES,
     RECORD_WORDS,
     RING_HEAD_BYTES,
     RING_HEAD_WORDS,
+    SEQUENCE_BYTE,
+    SEQUENCE_WORD,
     DecodedRecord,
     ring_block_bytes,
     ring_block_words,
@@ -349,7 +353,9 @@ def map_command(
                           f"holding registers {s0}..{a + ring_block_words(n_ring) - 1}",
                           str(n_ring * RECORD_WORDS))
             else:
-                t.add_row(f"camera {i} record (seq at +10..11) ->PLC",
+                q = a + SEQUENCE_WORD
+                t.add_row(f"camera {i} record (sequence {q}..{q + 1}, recipe "
+                          f"{a + RECIPE_WORD}) ->PLC",
                           f"holding registers {a}..{a + RECORD_WORDS - 1}", str(RECORD_WORDS))
             p = m.part_id_address(i)
             t.add_row(f"camera {i} part id (uint32) <-PLC", f"holding registers {p}..{p + 1}",
@@ -381,7 +387,8 @@ def map_command(
                           f"{db}.DBB{s0}..{o + ring_block_bytes(n_ring) - 1}",
                           str(n_ring * RECORD_BYTES))
             else:
-                t.add_row(f"camera {i} record (seq DWORD at +20) ->PLC",
+                t.add_row(f"camera {i} record (sequence {db}.DBD{o + SEQUENCE_BYTE}, recipe "
+                          f"{db}.DBW{o + RECIPE_BYTE}) ->PLC",
                           f"{db}.DBB{o}..{o + RECORD_BYTES - 1}", str(RECORD_BYTES))
             t.add_row(f"camera {i} part id DWORD <-PLC", f"{db}.DBD{s.part_id_offset(i)}", "4")
             t.add_row(f"camera {i} trigger counter WORD <-PLC", f"{db}.DBW{s.trigger_offset(i)}",

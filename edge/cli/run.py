@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -105,35 +103,16 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def swap_model(
-    package: Annotated[Path, typer.Argument(help="Model package folder (manifest.json + model).")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="The line YAML to update.")],
-    pid: Annotated[
-        int | None, typer.Option(help="Daemon PID to send SIGHUP (default: none, edit only).")
-    ] = None,
+    package: Annotated[str, typer.Argument(help="Package directory or NAME:VERSION.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="The running line's YAML.")],
 ) -> None:
-    """Verify PACKAGE, point the line's YAML at it (comments kept), and reload the daemon.
+    """Alias of `edge model activate PACKAGE --config FILE` (kept for wave-1 scripts).
 
-    The daemon loads the new model beside the running one and swaps between batches; a package
-    that fails to load is refused and the old model keeps running.
+    The running daemon verifies the package, loads it beside the running model and switches
+    between batches; the choice is kept across restarts in the model store (the YAML is not
+    edited). A package that does not verify is refused and the old model keeps running.
     """
-    from edge.yamledit import update_yaml
-    from models.package import verify_package
-    from models.types import ModelPackageError
+    from edge.cli.common import control_call
 
-    trusted = load_or_exit(config, deep=False).model.trusted_keys
-    try:
-        pkg = verify_package(package, trusted)
-        update_yaml(config, [(["model", "package"], str(package.resolve()))])
-    except (ModelPackageError, ValueError) as exc:
-        typer.echo(f"refused: {exc}", err=True)
-        raise typer.Exit(1) from None
-    m = pkg.manifest
-    typer.echo(
-        f"{config}: model.package -> {package} ({m.name} {m.version}, sha256 "
-        f"{pkg.model_sha256[:12]})"
-    )
-    if pid:
-        os.kill(pid, signal.SIGHUP)
-        typer.echo(f"sent SIGHUP to {pid}; watch the log for reload_model_applied")
-
-
+    status = control_call(config, "model.activate", {"package": package})
+    typer.echo(f"active model: {status['active']} (previous {status['previous']})")

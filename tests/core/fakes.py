@@ -134,7 +134,7 @@ async def thread_pool(
     info = det.info  # type: ignore[attr-defined]
     rules = {0: DecisionRules(DecisionSettings(), info.classes)}
 
-    def factory(name: str, on_death: Callable[[Worker, str], None]) -> Worker:
+    def factory(name: str, on_death: Callable[[Worker, str], None], nice: int) -> Worker:
         return ThreadWorker(name, lambda: det, rules, on_death=on_death)  # type: ignore[arg-type,return-value]
 
     pool = InferencePool(

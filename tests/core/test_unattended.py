@@ -251,23 +251,25 @@ def test_bad_images_are_skipped_and_counted_not_fatal(
     assert any("JPEG" in x.get("line", "") for x in wrapped), wrapped[:5]
 
 
-def test_swap_model_keeps_the_yaml_mode_and_owner(tmp_path: Path, demo_package: Path) -> None:
-    """Regression (9.10): `edge swap-model` left the line YAML 0600 and root's: the service
-    user could not read it at the next restart."""
+def test_yaml_edits_keep_the_files_mode_and_owner(tmp_path: Path) -> None:
+    """Regression (9.10): editing the line YAML (`edge calibrate`, formerly `edge swap-model`)
+    left it 0600 and root's: the service user could not read it at the next restart."""
     from tests.core.conftest import ROOT
 
     config = tmp_path / "line.yaml"
     text = (ROOT / "configs" / "demo.yaml").read_text()
-    config.write_text(text.replace("../models/demo/samples", str(DEMO_SAMPLES)))
+    config.write_text(text.replace("../models/", str(ROOT / "models") + "/"))
     os.chmod(config, 0o640)
     if os.getuid() == 0:
         os.chown(config, 0, 65534)  # root:nogroup, as install.sh sets root:edge
     before = config.stat()
     r = subprocess.run(
-        [*EDGE, "swap-model", str(demo_package), "--config", str(config)],
+        [*EDGE, "calibrate", "--config", str(config), "--roi", "0,0,64,64",
+         "--report", str(tmp_path / "report.png")],
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
+    assert "camera_roi" in config.read_text()
     after = config.stat()
     assert oct(after.st_mode & 0o7777) == oct(0o640)
     assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
