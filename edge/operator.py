@@ -337,7 +337,7 @@ def render_defect(
     else:
         canvas = np.ascontiguousarray(img).copy()
     overlay = canvas.copy()
-    thick = max(1, round(2 * max(canvas.shape[:2]) / 640))
+    thick = max(2, round(2 * max(canvas.shape[:2]) / 640))
     for det in detections:
         color = _PALETTE[det.class_id % len(_PALETTE)]
         if det.outline and len(det.outline) >= 3:

@@ -109,6 +109,13 @@ function renderComponents(h) {
   kvTable($("components"), rows);
 }
 
+function sideRates(label, r) {
+  // Canary comparison (the canary's parts against the active model's, same period).
+  if (!r || typeof r !== "object") return null;
+  const pct = (v) => (typeof v === "number" ? (v * 100).toFixed(1) + " %" : "\u2013");
+  return [label, `${fmtNum(r.parts)} \u00b7 defect ${pct(r.defect_rate)} \u00b7 fail-safe ${pct(r.failsafe_rate)} \u00b7 p99 ${fmtMs(r.e2e_p99_ms)} ms`];
+}
+
 function modelBlock(role, m) {
   const rows = [
     ["id", m.model || m.model_id || m.id || "?"],
@@ -116,7 +123,14 @@ function modelBlock(role, m) {
     m.breaker !== undefined ? ["breaker", m.breaker] : null,
     m.per_frame_ms !== undefined ? ["per frame", fmtMs(m.per_frame_ms) + " ms"] : null,
     m.restarts_in_window !== undefined ? ["restarts (window)", fmtNum(m.restarts_in_window)] : null,
-    m.share !== undefined ? ["traffic share", String(m.share)] : null,
+    typeof m.fraction === "number" ? ["share of parts", (m.fraction * 100).toFixed(1) + " %"] : null,
+    typeof m.sample === "number" ? ["sampled", (m.sample * 100).toFixed(1) + " %"] : null,
+    typeof m.frames === "number" ? ["frames compared", fmtNum(m.frames)] : null,
+    typeof m.agreement === "number" ? ["agreement", (m.agreement * 100).toFixed(2) + " %"] : null,
+    m.latency_ms && typeof m.latency_ms.p99 === "number" ? ["p99", fmtMs(m.latency_ms.p99) + " ms"] : null,
+    sideRates("canary parts", m.canary),
+    sideRates("active parts", m.canary ? m.active : undefined),
+    typeof m.running_s === "number" ? ["running", fmtAge(m.running_s)] : null,
     m.last_error ? ["last error", m.last_error] : null,
   ];
   const table = el("table", { class: "kv" });
@@ -134,6 +148,9 @@ function renderModels(s) {
     if (m) roles.push([role, m]);
   }
   const blocks = roles.map(([r, m]) => modelBlock(r, m));
+  if (extra.previous) {
+    blocks.push(el("div", { class: "hint", text: "rollback to: " + extra.previous }));
+  }
   const seen = (s.view && s.view.models_seen) || {};
   const ids = Object.keys(seen);
   if (ids.length > 1) {
@@ -253,7 +270,8 @@ function renderCameras(s) {
         el("span", {}, "defect share ", el("b", { text: typeof w.defect_share === "number" ? (w.defect_share * 100).toFixed(1) + " %" : "\u2013" })),
         el("span", { class: "hint", text: `last ${v.window_s || "?"} s` })),
       el("div", { class: "lat", title: `capture to PLC acknowledgement, ms, last ${v.window_s || "?"} s` + (budget ? `; budget ${budget} ms` : "") },
-        latCell("p50 ms", lat.p50), latCell("p90 ms", lat.p90), latCell("p99 ms", lat.p99), latCell("max ms", lat.max)));
+        latCell("p50 ms", lat.p50), latCell("p90 ms", lat.p90), latCell("p99 ms", lat.p99), latCell("max ms", lat.max)),
+      el("div", { class: "hint", text: "capture \u2192 PLC acknowledgement" + (budget ? `, budget ${budget} ms` : "") }));
     const right = el("table", { class: "kv" },
       el("tr", {}, el("td", { text: "parts (since start)" }), el("td", { "data-parts": String(c.parts || 0), text: fmtNum(c.parts || 0) })),
       el("tr", {}, el("td", { text: "frames from camera" }), el("td", { text: `${fmtNum(hc.frames)} (lost ${fmtNum(hc.missed)})` })),
