@@ -70,12 +70,12 @@ def _check_cameras(cfg: LineConfig) -> list[str]:
 
 
 def _check_plc(cfg: LineConfig) -> list[str]:
-    from plc.factory import create_link
+    from plc.factory import check_map
 
     slots = max(c.plc_slot for c in cfg.cameras) + 1
     try:
-        create_link(cfg.plc, camera_slots=slots)
-    except (ValueError, RuntimeError) as exc:
+        check_map(cfg.plc, camera_slots=slots)
+    except ValueError as exc:
         return [f"plc: {exc}"]
     return []
 

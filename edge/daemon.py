@@ -36,6 +36,7 @@ from edge.inference import ProcessWorker, ThreadWorker, Worker
 from edge.lifecycle import ModelManager
 from edge.logs import configure_logging
 from edge.metrics import Metrics, Sample, SnapshotCollector
+from edge.operator import OperatorView
 from edge.pipeline import Pipeline
 from edge.plcinputs import PlcInputWatcher
 from edge.plcqueue import DeadlineOrderedLink
@@ -129,6 +130,7 @@ class Daemon:
         self.recipes = RecipeBook(config.recipes, config.state_path() / "recipe.json")
         self.inputs: PlcInputWatcher | None = None
         self.models: ModelManager | None = None
+        self.view: OperatorView | None = None
         self.control: ControlServer | None = None
         self.heartbeat = 0
         self.alarms = Alarm(0)
@@ -200,6 +202,7 @@ class Daemon:
     async def _start(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        structlog.contextvars.bind_contextvars(line=cfg.line)  # on every log line (ELK/Loki)
         for name in ["plc", "model", "verdicts", "spool", *(f"camera:{c.id}" for c in cfg.cameras)]:
             self.components[name] = ComponentState()
 
@@ -253,12 +256,14 @@ class Daemon:
         if hasattr(self.plc.link, "on_write_confirmed"):
             self.plc.link.on_write_confirmed = self.pipeline.write_confirmed
         self.pipeline.observers.append(self.models.observe)
+        self.view = OperatorView(cfg.line, budget_ms=cfg.pipeline.budget_ms)
+        self.pipeline.observers.append(self.view.observe)
 
         if cfg.observability.enabled:
             obs = cfg.observability
             try:
                 self.http = ObservabilityServer(
-                    obs.host, obs.port, self.metrics.registry, self.health
+                    obs.host, obs.port, self.metrics.registry, self.health, view=self.view
                 )
                 self.http.start()
             except OSError as exc:  # a busy port costs the metrics, never the line
@@ -301,13 +306,13 @@ class Daemon:
         the PLC selects the recipe, or results are acknowledged."""
         cfg = self.config
         assert self.plc is not None and self.pipeline is not None
-        slots: dict[int, tuple[str, CameraWorker | None]] = {}
+        slots: dict[int, tuple[str, CameraWorker | None, bool]] = {}
         for cam in cfg.cameras:
             trig = cam.trigger
-            if isinstance(trig, TriggeredMode) and trig.source == "plc":
-                slots[cam.plc_slot] = (cam.id, self.workers[cam.id])
-            elif isinstance(trig, TriggeredMode) and trig.part_id_from_plc:
-                slots[cam.plc_slot] = (cam.id, None)
+            plc_triggered = isinstance(trig, TriggeredMode) and trig.source == "plc"
+            latch = isinstance(trig, TriggeredMode) and trig.part_id_from_plc
+            slots[cam.plc_slot] = (cam.id, self.workers[cam.id] if plc_triggered else None, latch)
+        needs_inputs = any(w is not None or latch for _c, w, latch in slots.values())
         watcher = PlcInputWatcher(
             self.plc,
             cfg.plc_inputs,
@@ -316,8 +321,9 @@ class Daemon:
             self.pipeline.fail_part,
             int(cfg.pipeline.budget_ms * 1e6),
             int(cfg.pipeline.failsafe_reserve_ms * 1e6),
-            read_triggers=bool(slots),
+            read_triggers=needs_inputs,
             read_acks=cfg.plc.results.acknowledged,
+            read_timeout_ms=cfg.plc.readback_timeout_ms,
         )
         if watcher.needed:
             self.inputs = watcher
@@ -667,7 +673,15 @@ class Daemon:
                              {"camera": names.get(slot, str(slot))}, n)
         for name, h in self.supervisor.health().items():
             yield Sample("edge_task_restarts", "counter", "Supervised task restarts.",
-                         {"task": name}, float(h["restarts_in_window"]))  # type: ignore[arg-type]
+                         {"task": name}, float(h["restarts"]))  # type: ignore[arg-type]
+            yield Sample("edge_task_up", "gauge",
+                         "1 while the supervised task runs (0: crashed, or given up on).",
+                         {"task": name}, 1.0 if h["running"] and not h["given_up"] else 0.0)
+        yield Sample("edge_line_info", "gauge", "The line this daemon decides parts for.",
+                     {"line": self.config.line}, 1.0)
+        yield Sample("edge_pipeline_budget_ms", "gauge",
+                     "Capture to PLC acknowledgement budget (pipeline.budget_ms).", {},
+                     self.config.pipeline.budget_ms)
         s = self.spool_stats
         for key, help_ in _SPOOL_GAUGES.items():
             if isinstance(s.get(key), int | float):
@@ -850,6 +864,9 @@ class Daemon:
 
     async def _shutdown(self) -> bool:
         self.notifier.stopping()
+        for model in (self.active, *(self.models.running() if self.models else ())):
+            if model is not None:
+                model.pool.stop_respawning()
         if self._status_task is not None:
             self._status_task.cancel()
             sys.stderr.write("\n")  # end the live status line before the shutdown logs

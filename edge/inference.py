@@ -172,7 +172,10 @@ def _child_main(
     nice: int,
 ) -> None:
     """The worker process: load the model once, then serve batches until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    # The daemon decides when we stop (it drains first): a Ctrl-C or a SIGTERM sent to the whole
+    # process group must not kill the worker under frames still in flight.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(*logging_cfg)
     if nice:
         with contextlib.suppress(OSError):

@@ -399,6 +399,10 @@ class ModelManager:
         self._persist(StoreState(pkg.ref, previous, state.shadow))
         self._write_sidecar(pkg.digest)
 
+    def running(self) -> list[ActiveModel]:
+        """The candidate models with worker pools (shadow, canary)."""
+        return [x.model for x in (self.shadow, self.canary) if x is not None]
+
     async def close(self) -> None:
         await self._stop_canary("daemon stopping")
         await self._stop_shadow()

@@ -54,9 +54,23 @@ def wants_json(fmt: str) -> bool:
     return fmt == "json" or (fmt == "auto" and (under_systemd() or not sys.stderr.isatty()))
 
 
+_MAX_FIELD = 2000
+"""Longest string kept in a log field: a library's hex dump must not become a 10 KB line."""
+
+
+def _truncate(
+    _logger: Any, _method: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > _MAX_FIELD:
+            event[key] = f"{value[:_MAX_FIELD]}... [{len(value) - _MAX_FIELD} chars cut]"
+    return event
+
+
 def _shared_processors() -> list[structlog.types.Processor]:
     return [
         structlog.contextvars.merge_contextvars,
+        _truncate,
         structlog.stdlib.add_log_level,
         structlog.stdlib.ExtraAdder(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -162,7 +176,7 @@ class _StderrCapture:
             text = json.dumps(
                 {
                     "event": "stderr",
-                    "line": text,
+                    "text": text,
                     "level": "warning",
                     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
                     + f".{int(time.time() * 1e6) % 1_000_000:06d}Z",

@@ -66,7 +66,9 @@ class _Part:
 class _Slot:
     camera_id: str
     worker: CameraWorker | None
-    """The PLC-triggered worker of this slot (None: the slot only supplies part ids)."""
+    """The PLC-triggered worker of this slot (None: not triggered by the PLC)."""
+    latch_part_id: bool = False
+    """Hardware-triggered camera whose frames take the PLC's part id when they arrive."""
     count: int | None = None
     pending: collections.deque[_Part] = field(default_factory=collections.deque)
     part_id: int = 0
@@ -79,19 +81,20 @@ class PlcInputWatcher:
         plc: DeadlineOrderedLink,
         settings: PlcInputSettings,
         recipes: RecipeBook,
-        slots: dict[int, tuple[str, CameraWorker | None]],
+        slots: dict[int, tuple[str, CameraWorker | None, bool]],
         fail_part: FailPart,
         budget_ns: int,
         reserve_ns: int,
         *,
         read_triggers: bool,
         read_acks: bool,
+        read_timeout_ms: float = 50.0,
         clock_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.plc = plc
         self.settings = settings
         self.recipes = recipes
-        self.slots = {i: _Slot(cam, w) for i, (cam, w) in slots.items()}
+        self.slots = {i: _Slot(cam, w, latch) for i, (cam, w, latch) in slots.items()}
         self._by_camera = {s.camera_id: s for s in self.slots.values()}
         self.fail_part = fail_part
         self.budget_ns = budget_ns
@@ -99,6 +102,9 @@ class PlcInputWatcher:
         self.read_triggers = read_triggers
         self.read_recipe = recipes.plc_selects
         self.read_acks = read_acks
+        self.read_timeout_ns = int(read_timeout_ms * 1e6)
+        """A poll may wait this long for its answer: a 5 ms budget would turn a PLC that is a
+        little slow for a moment into a dropped connection (the link drops it on a timeout)."""
         self._clock_ns = clock_ns
         self.acked: dict[int, int] = {}
         self.unacked: dict[int, int] = {}
@@ -121,7 +127,7 @@ class PlcInputWatcher:
         was_ok = True
         while True:
             inputs = await self.plc.read_inputs(
-                self._clock_ns() + max(period_ns, 2_000_000),
+                self._clock_ns() + max(period_ns, self.read_timeout_ns),
                 triggers=self.read_triggers,
                 recipe=self.read_recipe,
                 acks=self.read_acks,
@@ -214,7 +220,7 @@ class PlcInputWatcher:
         """The frame as the pipeline should see it and its recipe; None to drop it (its part
         was already fail-safed: a second record for one part must never go out)."""
         slot = self._by_camera.get(frame.camera_id)
-        if slot is None:
+        if slot is None or (slot.worker is None and not slot.latch_part_id):
             return frame, self.recipes.for_part()
         if slot.worker is None:  # hardware trigger: latch the PLC's part id now
             return dataclasses.replace(frame, part_id=slot.part_id), self.recipes.for_part()

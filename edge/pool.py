@@ -195,6 +195,13 @@ class InferencePool:
         cutoff = time.monotonic() - RESTART_WINDOW_S
         return sum(1 for t in self.restarts if t >= cutoff)
 
+    def stop_respawning(self) -> None:
+        """The daemon is stopping: a worker that dies now is not replaced."""
+        self._closing = True
+        for handle in self._respawn_handles.values():
+            handle.cancel()
+        self._respawn_handles.clear()
+
     async def close(self, drain_s: float = 2.0) -> None:
         """Let running batches finish (bounded), then stop every worker."""
         end = time.monotonic() + drain_s

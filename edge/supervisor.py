@@ -39,6 +39,8 @@ class _Supervised:
     last_beat: float = field(default_factory=time.monotonic)
     given_up: bool = False
     last_error: str = ""
+    restarts: int = 0
+    """Since the daemon started (monotonic: a Prometheus counter)."""
 
 
 class Supervisor:
@@ -103,6 +105,7 @@ class Supervisor:
             return
         delay = entry.backoff_s
         entry.backoff_s = min(delay * 2, _BACKOFF_MAX_S)
+        entry.restarts += 1
         log.warning("task_restarting", task=entry.name, in_s=delay)
         await asyncio.sleep(delay)
         if not self._closing:
@@ -126,6 +129,7 @@ class Supervisor:
         return {
             e.name: {
                 "running": e.task is not None and not e.task.done(),
+                "restarts": e.restarts,
                 "restarts_in_window": sum(1 for t in e.crashes if now - t <= self.window_s),
                 "given_up": e.given_up,
                 "last_error": e.last_error,

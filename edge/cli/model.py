@@ -152,6 +152,9 @@ def train(
     val: Annotated[
         bool, typer.Option("--val/--no-val", help="Validate every epoch (off: only at the end).")
     ] = True,
+    device: Annotated[
+        str, typer.Option(help="Torch device: cpu, or a CUDA index such as 0 (GPU training).")
+    ] = "cpu",
 ) -> None:
     """Train a YOLOv8-seg model from scratch (or from --weights) on a data set."""
     from pydantic import ValidationError
@@ -176,6 +179,7 @@ def train(
         "close_mosaic": close_mosaic,
         "warmup_epochs": warmup_epochs,
         "val": val,
+        "device": device,
     }
     try:
         recipe = TrainRecipe.model_validate(fields)

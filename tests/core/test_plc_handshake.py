@@ -316,3 +316,27 @@ def test_unknown_write_later_confirmed_updates_its_event(
         assert a["changes"]["plc_outcome"].startswith("confirmed_"), a
         original = by_id[a["amends"]]
         assert original["plc_outcome"] == a["changes"]["plc_outcome"], original
+
+
+def test_hardware_triggered_frames_latch_the_plc_part_id(
+    tmp_path: Path, demo_package: Path
+) -> None:
+    """Hardware trigger with PLC part ids: the part id field is latched when the trigger's frame
+    arrives (the replay camera plays as a trigger line firing once per image). The PLC holds one
+    id for a while, then another: every record carries the id held when its frame arrived."""
+    camera = {**PLC_CAMERA, "fps": 20,
+              "trigger": {"mode": "triggered", "source": "hardware", "part_id": "plc"}}
+    with PyModbusTcpPeer.running() as plc:
+        config = line_yaml(tmp_path, plc.port, demo_package, cameras=[camera],
+                           plc={"type": "modbus", "host": "127.0.0.1", "port": plc.port})
+        plc.set_u32(200, 111)
+        with running_daemon(config, tmp_path) as d:
+            wait_until(lambda: record(plc)["part_id"] == 111 and record(plc)["sequence"] >= 3,
+                       30, "records latched with part 111")
+            plc.set_u32(200, 222)
+            seq = record(plc)["sequence"]
+            wait_until(lambda: record(plc)["part_id"] == 222, 10, "the next part id latched")
+            wait_until(lambda: record(plc)["sequence"] >= seq + 5, 10, "more records")
+            assert record(plc)["part_id"] == 222
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(30) == 0

@@ -248,7 +248,7 @@ def test_bad_images_are_skipped_and_counted_not_fatal(
     assert d.non_json == [], d.non_json[:5]
     # libjpeg wrote its warning straight to file descriptor 2: it arrives wrapped as JSON.
     wrapped = [x for x in d.lines if x.get("event") == "stderr"]
-    assert any("JPEG" in x.get("line", "") for x in wrapped), wrapped[:5]
+    assert any("JPEG" in x.get("text", "") for x in wrapped), wrapped[:5]
 
 
 def test_yaml_edits_keep_the_files_mode_and_owner(tmp_path: Path) -> None:
