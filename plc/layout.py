@@ -1,9 +1,9 @@
 """The decision record's wire layout, shared by every backend and documented in
 docs/plc-register-map.md (keep the two in step).
 
-Record v2 is 12 16-bit words / 24 bytes. The sequence number comes LAST on purpose: a PLC (or
-Modbus server) that applies a multi-register write in address order sees the strobe change only
-after every other field of the record is in place.
+Record v2 is 12 16-bit words / 24 bytes. Words 0-9 are EXACTLY record v1 (10 words / 20 bytes):
+PLC programs written against v1, and acceptance checks that read the sequence at record+8..9
+(Modbus 1008-1009, S7 DBD16), keep working unchanged. v2 only APPENDS the recipe at word 10.
 
     word  byte  field            type
     0-1   0-3   part_id          uint32
@@ -13,14 +13,24 @@ after every other field of the record is in place.
     5     10    latency_ms       uint16  (capture -> decision, saturates at 65535)
     6     12    model_id         uint16
     7     14    reason           uint16  (fail-safe reason code; 0 for real verdicts)
-    8     16    recipe           uint16  (recipe / product type the part was judged under)
-    9     18    reserved         uint16  (always 0)
-    10-11 20-23 sequence         uint32  (the "new result" strobe, +1 per record per camera)
+    8-9   16-19 sequence         uint32  (the "new result" strobe, +1 per record per camera)
+    10    20    recipe           uint16  (v2: recipe / product type the part was judged under)
+    11    22    reserved         uint16  (always 0)
+
+Why the strobe may sit before the recipe: v1 put the sequence last so that a PLC (or Modbus
+server) applying a multi-register write in address order sees the strobe change only after every
+other field is in place; that still holds for every v1 field. The recipe comes after the strobe
+but travels in the SAME single request (Modbus FC16 write_registers / S7 PUT of all 24 bytes),
+which a PLC applies between two scans of its program, i.e. atomically as far as the program can
+tell: a program never sees the new sequence with the old recipe. Moving the strobe to the end
+instead would have broken every v1 program for no gain on a PLC. OPC UA has no memory order: its
+Write call lists the nodes with `Sequence` as the LAST value (node order), so a server that
+applies the values in order exposes the strobe last there too.
 
 Ring mode (results.mode: ring) keeps per camera a HEAD (uint32: the sequence of the newest record
-written, 0 = none) followed by N record slots; the record with sequence s lives in slot
-(s - 1) mod N, and the head is written in a request AFTER the record, so a PLC that reads the head
-and then the slots never sees a half-written record.
+written, 0 = none) followed by N record slots of this layout; the record with sequence s lives in
+slot (s - 1) mod N, and the head is written in a request AFTER the record, so a PLC that reads the
+head and then the slots never sees a half-written record.
 """
 
 from __future__ import annotations
@@ -34,10 +44,14 @@ from plc.record import DecisionRecord
 RECORD_VERSION = 2
 RECORD_WORDS = 12
 RECORD_BYTES = 2 * RECORD_WORDS
-RECIPE_WORD = 8
-SEQUENCE_WORD = 10
-"""Word offset of the sequence (strobe) inside the record."""
+RECORD_V1_WORDS = 10
+"""Words 0..9 are record v1 unchanged; v2 appends the recipe and a reserved word."""
+SEQUENCE_WORD = 8
+"""Word offset of the sequence (strobe) inside the record: v1's position, kept in v2."""
 SEQUENCE_BYTE = 2 * SEQUENCE_WORD
+RECIPE_WORD = 10
+"""Word offset of the recipe (appended in v2, after the strobe, same request)."""
+RECIPE_BYTE = 2 * RECIPE_WORD
 
 RING_HEAD_WORDS = 2
 """Modbus ring block: head (uint32) at +0..1, slot k at +2 + 12k."""
@@ -46,7 +60,7 @@ RING_HEAD_BYTES = 4
 
 _U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
-_BIG = struct.Struct(">IHHHHHHHHI")
+_BIG = struct.Struct(">IHHHHHHIHH")
 assert _BIG.size == RECORD_BYTES
 
 Order = Literal["big", "little"]
@@ -67,9 +81,9 @@ def record_bytes(record: DecisionRecord) -> bytes:
         _u16(record.latency_ms),
         _u16(record.model_id),
         _u16(record.reason),
+        int(record.sequence) & _U32,
         _u16(record.recipe),
         0,
-        int(record.sequence) & _U32,
     )
 
 
@@ -92,7 +106,7 @@ class DecodedRecord:
 def decode_record_bytes(data: bytes) -> DecodedRecord:
     if len(data) < RECORD_BYTES:
         raise ValueError(f"record needs {RECORD_BYTES} bytes, got {len(data)}")
-    part_id, verdict, cls, score, latency, model, reason, recipe, _reserved, seq = (
+    part_id, verdict, cls, score, latency, model, reason, seq, recipe, _reserved = (
         _BIG.unpack_from(data)
     )
     return DecodedRecord(part_id, verdict, cls, score, latency, model, reason, recipe, seq)

@@ -26,7 +26,8 @@ from plc.layout import DecodedRecord, ring_slot
 from plc.linkbase import DefiniteFailure, NotSent, ReconnectingLink, RingView
 from plc.record import Alarm, DecisionRecord, PlcInputs, WriteResult
 
-# (field, OPC UA type) in write order: Sequence LAST (the strobe)
+# (field, OPC UA type) in write order: Sequence LAST (the strobe). This is the order of the values
+# in the Write call, not the Modbus/S7 memory layout (there the recipe follows the sequence).
 RECORD_FIELDS: tuple[tuple[str, ua.VariantType], ...] = (
     ("PartId", ua.VariantType.UInt32),
     ("Verdict", ua.VariantType.UInt16),

@@ -5,7 +5,7 @@ Reusable outside tests/plc (the daemon's end-to-end tests use them as "the PLC")
     from tests.plc.plcpeers import OpcUaPeer, PyModbusTcpPeer, S7Peer, s7_python
 
     with PyModbusTcpPeer.running() as plc:      # pyModbusTCP's server (not pymodbus)
-        plc.set_u32(1010, 5000)                 # the PLC holds sequence 5000 (camera 0)
+        plc.set_u32(1008, 5000)                 # camera 0 holds sequence 5000 (record words 8-9)
         plc.trigger(part_id_addr=200, counter_addr=300, part_id=77)
         plc.get(1000, 12)                       # registers as the server holds them
 

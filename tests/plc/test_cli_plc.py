@@ -22,14 +22,14 @@ def test_plc_test_against_libmodbus_reads_back_a_safe_test_record(libmodbus_serv
     words = mbpoll_read(libmodbus_server.port, 1016, 12)  # record v2: 12 registers
     assert words[2] == 3  # FAIL-SAFE REJECT: a PLC acting on a test record rejects the part
     assert words[7] == TEST_REASON
-    assert words[8:10] == [7, 0]  # recipe, reserved
-    assert words[10:12] == [0, 5]  # sequence continued from what the PLC held (0), +1 a record
+    assert words[8:10] == [0, 5]  # sequence (v1 words 8-9) continued from what the PLC held (0)
+    assert words[10:12] == [7, 0]  # recipe (appended in v2), reserved
 
 
 def test_plc_test_against_native_s7(s7_server: S7Peer) -> None:
     res = runner.invoke(app, ["test", "--s7", f"127.0.0.1:{s7_server.port}", "--count", "3"])
     assert res.exit_code == 0, res.output
-    assert s7_server.dump(20, 4) == (3).to_bytes(4, "big")
+    assert s7_server.dump(16, 4) == (3).to_bytes(4, "big")  # sequence at DBD16
 
 
 def test_plc_test_reports_an_unreachable_plc(unused_tcp_port: int) -> None:
@@ -46,8 +46,8 @@ def test_plc_test_without_arguments_uses_the_embedded_simulator() -> None:
 
 
 def test_watch_shows_both_directions(sim: ModbusPlcSimulator) -> None:
-    # camera 1's record as the daemon would write it (v2: recipe 3 at +8, sequence at +10..11)
-    sim.write_registers(1016, [0, 77, 2, 4, 912, 31, 5, 0, 3, 0, 0, 42])
+    # camera 1's record as the daemon would write it (v2: sequence at +8..9, recipe 3 at +10)
+    sim.write_registers(1016, [0, 77, 2, 4, 912, 31, 5, 0, 0, 42, 3, 0])
     sim.write_registers(100, [9, 0b1_0000_0101])
     sim.trigger_part(1, 0x00BC614E)  # the PLC announces part 12345678, counter 1 -> 1
     sim.set_recipe(4321)
@@ -72,7 +72,7 @@ def test_watch_shows_the_ring(tmp_path: Path) -> None:
     with ModbusPlcSimulator(s, 1) as sim:
         for seq in (5, 6):  # slots (5-1)%4 = 0 and 1, then the head
             sim.write_registers(1000 + 2 + 12 * ((seq - 1) % 4),
-                                [0, 100 + seq, 1, 0, 990, 3, 1, 0, 2, 0, 0, seq])
+                                [0, 100 + seq, 1, 0, 990, 3, 1, 0, 0, seq, 2, 0])
         sim.hold_sequence(0, 6)
         cfg = tmp_path / "line.yaml"
         cfg.write_text(f"plc:\n  type: modbus\n  port: {sim.port}\n"
@@ -99,8 +99,13 @@ def test_map_names_the_bad_key(tmp_path: Path) -> None:
     res = runner.invoke(app, ["map", "-c", str(cfg)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "DB7.DBB64..87" in res.output  # slot 2 at 2 * 32, 24 bytes
+    assert "sequence DB7.DBD80, recipe DB7.DBW84" in res.output  # v1's DBD+16; recipe at +20
     assert "DB7.DBW588" in res.output  # slot 2's trigger counter: 584 + 2 * 2
     assert "DB7.DBW616" in res.output and "DB7.DBD628" in res.output  # recipe; slot 2's ack
+    cfg.write_text("plc:\n  type: modbus\ncameras:\n  - {plc_slot: 0}\n")
+    res = runner.invoke(app, ["map", "-c", str(cfg)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "sequence 1008..1009, recipe 1010" in res.output  # the v1 strobe position
     cfg.write_text("plc:\n  type: modbus\n  trigger_base: 201\ncameras:\n  - {plc_slot: 0}\n")
     res = runner.invoke(app, ["map", "-c", str(cfg)])
     assert res.exit_code == 2 and "trigger counters (trigger_base, trigger_stride)" in res.output

@@ -44,8 +44,8 @@ async def test_modbus_inputs_from_pymodbustcp(pymodbustcp_server: PyModbusTcpPee
     plc.set(300, [5, 65535, 0, 1])  # trigger counters of cameras 0..3
     plc.set(299, [12])  # recipe
     plc.set_u32(402, 0x00012345)  # camera 1 acknowledged sequence 0x12345
-    plc.set_u32(1010, 5000)  # camera 0's record strobe: the PLC holds sequence 5000
-    plc.set_u32(1032 + 10, 0xFFFFFFFF)  # camera 2 (record at 1032): at the wrap
+    plc.set_u32(1008, 5000)  # camera 0's record strobe: the PLC holds sequence 5000
+    plc.set_u32(1032 + 8, 0xFFFFFFFF)  # camera 2 (record at 1032, strobe at +8): at the wrap
     link = await started(ModbusLink(ModbusSettings(port=plc.port), 4))
     try:
         got = await link.read_inputs(dl(), recipe=True, acks=True)
@@ -123,13 +123,13 @@ async def test_sim_program_triggers_and_one_request_per_snapshot() -> None:
 
 async def test_s7_inputs_and_sequences(s7_server: S7Peer) -> None:
     """Default DB: part ids DBD520+4i, trigger counters DBW584+2i, recipe DBW616, acks
-    DBD620+4i; record strobes at DBD(32i + 20)."""
+    DBD620+4i; record strobes at DBD(32i + 16)."""
     s7 = s7_server
     s7.put(520, bytes.fromhex("0a0b0c0d" "00000007"))
     s7.put(584, bytes.fromhex("0005" "ffff"))
     s7.put(616, bytes.fromhex("0102"))
     s7.put(624, bytes.fromhex("00012345"))
-    s7.put(20, (5000).to_bytes(4, "big"))
+    s7.put(16, (5000).to_bytes(4, "big"))
     link = await started(S7Link(S7Settings(port=s7.port), 2))
     try:
         got = await link.read_inputs(dl(), recipe=True, acks=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,23 @@ def test_record_bytes_match_the_documented_table() -> None:
         "002a"
         "0007"
         "0000"  # verdict class score latency model reason
-        "0009"  # recipe
+        "01020304"  # sequence: words 8-9 / bytes 16-19, the v1 position
+        "0009"  # recipe (appended in v2, word 10)
         "0000"  # reserved
-        "01020304"  # sequence, last
     )
     assert len(b) == layout.RECORD_BYTES == 24
     assert layout.decode_record_bytes(b).recipe == 9
+
+
+def test_v2_keeps_every_v1_word_in_place() -> None:
+    """A PLC program written against record v1 (10 words: sequence at words 8-9 / DBD+16) reads
+    a v2 record unchanged: the first 20 bytes decode exactly as v1 did, the recipe is appended."""
+    b = layout.record_bytes(REC)
+    v1 = struct.unpack(">IHHHHHHI", b[: 2 * layout.RECORD_V1_WORDS])  # record v1, as documented
+    assert v1 == (REC.part_id, REC.verdict, 3, 875, 42, 7, 0, REC.sequence)
+    assert (layout.SEQUENCE_WORD, layout.SEQUENCE_BYTE) == (8, 16)
+    assert (layout.RECIPE_WORD, layout.RECIPE_BYTE) == (10, 20)
+    assert int.from_bytes(b[20:22], "big") == 9 and b[22:24] == b"\0\0"
 
 
 @pytest.mark.parametrize(
@@ -61,7 +73,8 @@ def test_word_and_byte_order(
     words = layout.record_words(REC, word_order=word_order, byte_order=byte_order)  # type: ignore[arg-type]
     assert len(words) == layout.RECORD_WORDS
     assert words[0:2] == first_words
-    assert words[10:12] == seq_words
+    assert words[8:10] == seq_words  # the strobe at its v1 words
+    assert words[10] == (0x0900 if byte_order == "little" else 0x0009)  # recipe: plain uint16
     verdict = words[2]
     assert verdict == (0x0200 if byte_order == "little" else 0x0002)
     back = layout.decode_record_words(words, word_order=word_order, byte_order=byte_order)  # type: ignore[arg-type]

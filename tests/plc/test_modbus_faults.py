@@ -180,7 +180,7 @@ async def test_hung_server_each_write_gives_up_in_budget_and_loop_stays_free(
         with contextlib.suppress(ProcessLookupError):
             os.kill(sim_process.proc.pid, signal.SIGCONT)
         await link.close()
-    assert mbpoll_read(sim_process.port, 1010, 2) == [0, seq]
+    assert mbpoll_read(sim_process.port, 1008, 2) == [0, seq]
 
 
 async def test_unknown_write_is_confirmed_by_read_back(sim: ModbusPlcSimulator) -> None:

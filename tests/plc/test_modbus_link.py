@@ -42,8 +42,9 @@ REC = DecisionRecord(
     recipe=0x0102,
 )
 # docs/plc-register-map.md (record v2), big word order, big byte order, camera 2 at 1000 + 2*16
-REC_WORDS = [0xA1B2, 0xC3D4, 0x0002, 0x0003, 0x036B, 0x002A, 0x0007, 0x0000, 0x0102, 0x0000,
-             0x0001, 0x2345]
+# words 0-9 are record v1 (sequence at 8-9), the recipe is appended at word 10
+REC_WORDS = [0xA1B2, 0xC3D4, 0x0002, 0x0003, 0x036B, 0x002A, 0x0007, 0x0000, 0x0001, 0x2345,
+             0x0102, 0x0000]
 
 
 async def started(settings: ModbusSettings, slots: int = 4) -> ModbusLink:
@@ -98,10 +99,10 @@ async def test_little_word_and_byte_order_reach_the_wire(libmodbus_server: Peer)
         0x2A00,
         0x0700,
         0x0000,
-        0x0201,
-        0x0000,
-        0x4523,
+        0x4523,  # sequence 0x00012345, low word first, bytes swapped
         0x0100,
+        0x0201,  # recipe 0x0102, bytes swapped
+        0x0000,
     ]
 
 

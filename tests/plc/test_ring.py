@@ -55,7 +55,7 @@ def decode_block(w: list[int], n: int) -> tuple[int, list[tuple[int, int, int]]]
     slots = []
     for k in range(n):
         r = w[2 + 12 * k : 14 + 12 * k]
-        slots.append((r[10] << 16 | r[11], r[0] << 16 | r[1], r[8]))
+        slots.append((r[8] << 16 | r[9], r[0] << 16 | r[1], r[10]))
     return head, slots
 
 
@@ -123,7 +123,7 @@ async def test_acknowledged_ring_waits_for_the_plcs_ack(
         assert (await link.write_decision(rec(0, 3), dl())).outcome is WriteOutcome.ACKED
         late = await link.write_decision(rec(0, 4), dl(60))  # slot of 2: not acknowledged
         assert late.outcome is WriteOutcome.DROPPED_LATE and "not yet acknowledged" in late.detail
-        assert plc.get_u32(1000) == 3 and plc.get_u32(1000 + 2 + 12 + 10) == 2  # 2 kept
+        assert plc.get_u32(1000) == 3 and plc.get_u32(1000 + 2 + 12 + 8) == 2  # 2 kept
         acks = await link.read_inputs(dl(), triggers=False, acks=True)
         assert acks is not None and acks.acked_sequences == (1,)
 
@@ -163,10 +163,11 @@ async def test_s7_ring_and_acks(kind: str) -> None:
         # ring of camera 0 at DBB1024 (ring mode default): head DWORD, slot k at +4 + 24k
         mem = peer.dump(1024, 4 + 4 * 24)
         assert int.from_bytes(mem[:4], "big") == 5
-        seqs = [int.from_bytes(mem[4 + 24 * k + 20 : 4 + 24 * k + 24], "big") for k in range(4)]
+        seqs = [int.from_bytes(mem[4 + 24 * k + 16 : 4 + 24 * k + 20], "big") for k in range(4)]
         assert seqs == [5, 2, 3, 4]
         slot0 = mem[4:28]
-        assert int.from_bytes(slot0[:4], "big") == 105 and int.from_bytes(slot0[16:18], "big") == 2
+        assert int.from_bytes(slot0[:4], "big") == 105
+        assert int.from_bytes(slot0[20:22], "big") == 2  # the recipe, appended at +20
     finally:
         peer.stop()
 

@@ -32,9 +32,10 @@ REC = DecisionRecord(
     reason=4,
     recipe=0x0203,
 )
-# docs/plc-register-map.md "S7 DB" (record v2): camera 1 at DBB32 (stride 32)
+# docs/plc-register-map.md "S7 DB" (record v2): camera 1 at DBB32 (stride 32); sequence at
+# +16 (v1), recipe appended at +20
 REC_BYTES = bytes.fromhex(
-    "a1b2c3d4" "0003" "0000" "0000" "015d" "0007" "0004" "0203" "0000" "00012345"
+    "a1b2c3d4" "0003" "0000" "0000" "015d" "0007" "0004" "00012345" "0203" "0000"
 )
 
 
@@ -108,7 +109,7 @@ async def test_s7_server_restart_and_hang(kind: str) -> None:
             await asyncio.sleep(0.005)
         assert link.stats.confirmed_not_applied == 1  # the hung write never landed
         await link.close()
-        assert int.from_bytes(peer.dump(32 + 20, 4), "big") == seq
+        assert int.from_bytes(peer.dump(32 + 16, 4), "big") == seq
     finally:
         await link.close()
         peer.stop()

@@ -2,6 +2,7 @@
 client (independent of the project's code: its own decoding of docs/plc-register-map.md).
 
 usage: ring_scanner.py PORT MODE BASE RING_SIZE SCAN_MS ACK_ADDR
+  Record: part id words 0-1, verdict word 2, sequence words 8-9 (v1 position), recipe word 10.
   MODE slot: the record (12 registers) at BASE; a new sequence = a new record.
   MODE ring: head (uint32) at BASE, slot k at BASE + 2 + 12k; walks every sequence from the last
              consumed + 1 to the head; slot (s - 1) mod RING_SIZE must hold sequence s.
@@ -48,7 +49,7 @@ def read(addr: int, n: int) -> list[int]:
 
 
 first = read(BASE, 2 if mode == "ring" else 12)
-last = u32(first[0], first[1]) if mode == "ring" else u32(first[10], first[11])
+last = u32(first[0], first[1]) if mode == "ring" else u32(first[8], first[9])
 print("READY", flush=True)
 nxt = time.monotonic()
 while not stop.is_set():
@@ -62,8 +63,8 @@ while not stop.is_set():
             while True:
                 k = (s - 1) % N
                 r = w[2 + 12 * k : 2 + 12 * (k + 1)]
-                if u32(r[10], r[11]) == s:
-                    out.append(f"REC {s} {u32(r[0], r[1])} {r[2]} {r[8]}")
+                if u32(r[8], r[9]) == s:
+                    out.append(f"REC {s} {u32(r[0], r[1])} {r[2]} {r[10]}")
                 else:
                     out.append(f"LOST {s}")
                 if s == head:
@@ -74,9 +75,9 @@ while not stop.is_set():
                 c.write_multiple_registers(ACK, [last >> 16, last & 0xFFFF])
     else:
         r = read(BASE, 12)
-        s = u32(r[10], r[11])
+        s = u32(r[8], r[9])
         if s != last and s != 0:
-            out.append(f"REC {s} {u32(r[0], r[1])} {r[2]} {r[8]}")
+            out.append(f"REC {s} {u32(r[0], r[1])} {r[2]} {r[10]}")
             last = s
             if ACK >= 0:
                 c.write_multiple_registers(ACK, [last >> 16, last & 0xFFFF])
