@@ -863,6 +863,9 @@ class Daemon:
     # ---- stop ----------------------------------------------------------------------------
 
     async def _shutdown(self) -> bool:
+        """Cameras stop, in-flight frames drain to the PLC, the spool is flushed, the rest
+        closes. Every phase is bounded (systemd's TimeoutStopSec is 20 s) and its duration is
+        logged in `daemon_stopped`, so a slow stop names its culprit."""
         self.notifier.stopping()
         for model in (self.active, *(self.models.running() if self.models else ())):
             if model is not None:
@@ -872,24 +875,37 @@ class Daemon:
             sys.stderr.write("\n")  # end the live status line before the shutdown logs
         log.info("daemon_stopping", reason=self.exit_reason)
         loop = asyncio.get_running_loop()
+        phases: dict[str, float] = {}
+        t = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal t
+            now = time.monotonic()
+            phases[name] = round(now - t, 3)
+            t = now
+
         if self.control is not None:
             await self.control.close()
         await asyncio.gather(
             *(loop.run_in_executor(None, w.stop) for w in self.workers.values()),
             return_exceptions=True,
         )
+        phase("cameras")
         drained = True
         if self.pipeline is not None:
             drained = await self.pipeline.drain()
             await self.pipeline.close()
+        phase("drain")
         await self.supervisor.close()
         if self.forwarder is not None:
             self.forwarder.stop()
+        phase("tasks")
         if self.spool is not None:
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(None, self.spool.flush, 10.0)
             with contextlib.suppress(Exception):
-                await loop.run_in_executor(None, self.spool.close)
+                await loop.run_in_executor(None, self.spool.close, 5.0)
+        phase("spool")
         for task in list(self._retiring):
             with contextlib.suppress(Exception):
                 await task
@@ -899,13 +915,16 @@ class Daemon:
         if self.active is not None:
             with contextlib.suppress(Exception):
                 await self.active.pool.close(0.5)
+        phase("models")
         if self.plc is not None:
             await self.plc.close()
         if self.plc_sim is not None:
             await loop.run_in_executor(None, self.plc_sim.stop)
         if self.http is not None:
-            self.http.stop()
+            await loop.run_in_executor(None, self.http.stop)
+        phase("plc_http")
         self.notifier.close()
+        log.info("daemon_stopped", drained=drained, phases_s=phases)
         return drained
 
     def summary(self) -> dict[str, Any]:

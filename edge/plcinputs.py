@@ -140,8 +140,8 @@ class PlcInputWatcher:
                 # Counters seen again after an outage are compared with the last good snapshot:
                 # parts announced meanwhile read as a jump (TRIGGER_MISSED), as they should.
             else:
-                if not was_ok:
-                    log.info("plc_inputs_readable")
+                if not was_ok or not self.polls_ok:
+                    log.info("plc_inputs_readable", first=not self.polls_ok)
                 was_ok = True
                 self.polls_ok += 1
                 self.apply(inputs)

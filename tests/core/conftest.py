@@ -73,7 +73,8 @@ class PlcProcess:
 
 def mbpoll_record(port: int, slot: int) -> dict[str, int]:
     """Decode a v2 record by hand per docs/plc-register-map.md (big-endian words, high word
-    first), from registers read by mbpoll: independent of the project's own decoder."""
+    first; v1's words 0-9, then the recipe), from registers read by mbpoll: independent of the
+    project's own decoder."""
     w = mbpoll_read(port, RECORD_BASE + slot * RECORD_STRIDE, 12)
     return {
         "part_id": w[0] << 16 | w[1],
@@ -83,8 +84,8 @@ def mbpoll_record(port: int, slot: int) -> dict[str, int]:
         "latency_ms": w[5],
         "model_id": w[6],
         "reason": w[7],
-        "recipe": w[8],
-        "sequence": w[10] << 16 | w[11],
+        "sequence": w[8] << 16 | w[9],
+        "recipe": w[10],
     }
 
 
