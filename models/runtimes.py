@@ -81,10 +81,13 @@ class TensorRTSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine_path: Path | None = None
-    """Where the serialized engine lives. None: ``<package>/../<name>-<version>-<precision>.engine``
-    under the cache dir. Engines are tied to the GPU and TensorRT version, so they are built on
-    the target and never shipped inside a package."""
-    cache_dir: Path = Path("/var/cache/edge-inspect/engines")
+    """Where the serialized engine lives. None: a file under ``cache_dir`` named after the package,
+    precision, batch, GPU model and TensorRT version (models/tensorrt_runtime.py). Engines are
+    tied to the GPU and TensorRT version, so they are built on the target and never shipped
+    inside a package."""
+    cache_dir: Path = Path("/var/cache/edge/engines")
+    """Under the systemd unit's CacheDirectory=edge: the only cache path the sandboxed service
+    (ProtectSystem=strict) may write."""
     precision: Literal["fp16", "int8", "fp32"] = "fp16"
     calibration_images: Path | None = None
     """A directory of sample images for INT8 calibration (needed only to build an INT8 engine)."""

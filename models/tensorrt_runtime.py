@@ -7,8 +7,9 @@ what to install. CPU appliances never need them.
 Engines are specific to a GPU model and a TensorRT version, so they are never shipped in a model
 package: they are built on the target from the package's ONNX file (FP16, or INT8 calibrated on
 sample images) and cached next to a small JSON sidecar recording which ONNX file (sha256),
-precision, batch and TensorRT version produced them. A stale engine (new package, TensorRT
-upgrade) is detected and rebuilt instead of being run against the wrong model.
+precision, batch, GPU model (name and compute capability) and TensorRT version produced them. A
+stale engine (new package, TensorRT upgrade, the disk moved to another GPU) is detected and
+rebuilt instead of being run against the wrong model or a GPU it was not tuned for.
 
 TensorRT <= 10 builds with the precision builder flags (INT8 through an entropy calibrator and a
 calibration cache). TensorRT 11 removed them (strong typing only): there the ONNX is converted
@@ -26,6 +27,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -108,14 +110,31 @@ def _trt_version(trt: Any) -> str:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-def default_engine_path(package: ModelPackage, settings: ModelSettings, trt_version: str) -> Path:
+def gpu_identity(cuda: Any, device: int = 0) -> str:
+    """The GPU model an engine is built for, file-name safe: ``Tesla-T4-sm75``.
+
+    TensorRT picks kernels (tactics) for the exact GPU at build time; an engine from another GPU
+    model either refuses to deserialize or runs with tactics tuned for different hardware. So
+    the name and compute capability are part of the engine's cache key.
+    """
+    dev = cuda.Device(device)
+    major, minor = dev.compute_capability()
+    return re.sub(r"[^A-Za-z0-9.]+", "-", f"{dev.name()}-sm{major}{minor}").strip("-")
+
+
+def default_engine_path(
+    package: ModelPackage, settings: ModelSettings, trt_version: str, gpu: str
+) -> Path:
+    """``<cache_dir>/<name>-<version>-<sha12>-<precision>-b<batch>-<gpu>-trt<version>.engine``,
+    or the configured ``engine_path``: one file per package, precision, batch, GPU model and
+    TensorRT version, so boxes sharing an image (or a GPU swap) never pick up a foreign engine."""
     t = settings.tensorrt
     if t.engine_path is not None:
         return t.engine_path
     m = package.manifest
     name = (
         f"{m.name}-{m.version}-{package.model_sha256[:12]}-{t.precision}-b{settings.max_batch}"
-        f"-trt{trt_version}.engine"
+        f"-{gpu}-trt{trt_version}.engine"
     )
     return t.cache_dir / name
 
@@ -125,15 +144,36 @@ def _sidecar(engine_path: Path) -> Path:
 
 
 def _expected_meta(
-    package: ModelPackage, settings: ModelSettings, trt_version: str
+    package: ModelPackage, settings: ModelSettings, trt_version: str, gpu: str
 ) -> dict[str, Any]:
+    """The engine's identity, kept in its sidecar: the engine is reused only on a full match
+    (an explicit ``engine_path`` has no identity in its name, so this is what guards it)."""
     return {
         "onnx_sha256": package.model_sha256,
         "precision": settings.tensorrt.precision,
         "max_batch": settings.max_batch,
         "tensorrt": trt_version,
+        "gpu": gpu,
         "input_size": list(package.manifest.input_size),
     }
+
+
+def check_writable_dir(folder: Path) -> None:
+    """Fail before a build of minutes, not after it, when the engine cannot be stored.
+
+    Under the systemd unit (ProtectSystem=strict) only /var/lib/edge and /var/cache/edge are
+    writable; a cache_dir elsewhere would build on every start and then fail to save.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ModelError(
+            f"cannot write the engine to {folder} ({e}); set model.tensorrt.cache_dir (or "
+            "engine_path) to a writable directory (the systemd unit allows /var/cache/edge)"
+        ) from e
 
 
 def engine_is_current(engine_path: Path, expected: dict[str, Any]) -> bool:
@@ -268,6 +308,7 @@ def build_engine(
 
     Slow (tens of seconds to minutes): meant for ``edge model build-engine`` or the first load.
     """
+    check_writable_dir(engine_path.parent)
     trt = _import_trt()
     cuda = _import_cuda()
     t = tensorrt
@@ -358,14 +399,15 @@ def build_engine_for_package(package: ModelPackage, settings: ModelSettings) -> 
     """The engine a TensorRTDetector would load for this package and settings, built now."""
     trt = _import_trt()
     version = _trt_version(trt)
-    path = default_engine_path(package, settings, version)
+    gpu = gpu_identity(_import_cuda())
+    path = default_engine_path(package, settings, version, gpu)
     return build_engine(
         package.model_path,
         path,
         input_hw=(package.manifest.input_size[0], package.manifest.input_size[1]),
         tensorrt=settings.tensorrt,
         max_batch=settings.max_batch,
-        meta=_expected_meta(package, settings, version),
+        meta=_expected_meta(package, settings, version, gpu),
     )
 
 
@@ -383,8 +425,9 @@ class TensorRTDetector(SegDetectorBase):
         manifest = package.manifest
         self._input_hw = (manifest.input_size[0], manifest.input_size[1])
         version = _trt_version(trt)
-        engine_path = default_engine_path(package, settings, version)
-        expected = _expected_meta(package, settings, version)
+        gpu = gpu_identity(cuda)
+        engine_path = default_engine_path(package, settings, version, gpu)
+        expected = _expected_meta(package, settings, version, gpu)
         if not engine_is_current(engine_path, expected):
             if not settings.tensorrt.build_if_missing:
                 raise ModelError(
@@ -463,6 +506,7 @@ class TensorRTDetector(SegDetectorBase):
             precision=settings.tensorrt.precision,
             capacity=self._capacity,
             tensorrt=version,
+            gpu=gpu,
         )
 
     def _run_chunk(self, chunk: np.ndarray) -> list[np.ndarray]:

@@ -41,26 +41,32 @@ def test_selecting_tensorrt_without_it_is_a_clear_error(demo_package: Path) -> N
 
 
 def test_engine_cache_identity(demo_package: Path, tmp_path: Path) -> None:
-    """An engine is reused only for the same ONNX, precision, batch and TensorRT version."""
+    """An engine is reused only for the same ONNX, precision, batch, GPU and TensorRT version."""
     pkg = load_package(demo_package)
     s = ModelSettings(
         package=demo_package, runtime="tensorrt", tensorrt=TensorRTSettings(cache_dir=tmp_path)
     )
-    path = default_engine_path(pkg, s, "10.3.0")
+    path = default_engine_path(pkg, s, "10.3.0", "Tesla-T4-sm75")
     assert path.parent == tmp_path and pkg.model_sha256[:12] in path.name and "fp16" in path.name
-    expected = _expected_meta(pkg, s, "10.3.0")
+    assert "Tesla-T4-sm75" in path.name and "trt10.3.0" in path.name
+    expected = _expected_meta(pkg, s, "10.3.0", "Tesla-T4-sm75")
     assert not engine_is_current(path, expected)  # nothing built yet
     path.write_bytes(b"engine")
     _sidecar(path).write_text(json.dumps(expected))
     assert engine_is_current(path, expected)
-    for key, other in [("onnx_sha256", "0" * 64), ("tensorrt", "11.0"), ("precision", "int8")]:
+    for key, other in [
+        ("onnx_sha256", "0" * 64),
+        ("tensorrt", "11.0"),
+        ("precision", "int8"),
+        ("gpu", "Orin-sm87"),
+    ]:
         assert not engine_is_current(path, {**expected, key: other})
     explicit = ModelSettings(
         package=demo_package,
         runtime="tensorrt",
         tensorrt=TensorRTSettings(engine_path=tmp_path / "x.engine"),
     )
-    assert default_engine_path(pkg, explicit, "10.3.0") == tmp_path / "x.engine"
+    assert default_engine_path(pkg, explicit, "10.3.0", "Tesla-T4-sm75") == tmp_path / "x.engine"
 
 
 # ---- on a GPU ----

@@ -66,6 +66,12 @@ class _FakeCuda:
             def count() -> int:
                 return 1
 
+            def name(self) -> str:
+                return "Fake GPU T4"
+
+            def compute_capability(self) -> tuple[int, int]:
+                return (7, 5)
+
             def retain_primary_context(self) -> Ctx:
                 return Ctx()
 
