@@ -19,6 +19,7 @@ apt_test_packages=(
   systemd             # systemd-analyze verify for the unit file
   prometheus          # promtool: check and unit-test the alert rules (configs/monitoring)
   chromium            # headless browser that loads the operator page in its test
+  shellcheck          # lints scripts/gpu_check.sh in its test
   gcc
 )
 
