@@ -129,6 +129,8 @@ def action_of(r: dict[str, Any] | None) -> str:
         return "already_active"
     if not r.get("failed_task"):
         return "rolled_out"
+    if not (r.get("probe") or {}).get("status"):
+        return "unreachable"  # failed before anything was read, so before anything changed
     restored = r.get("restored") or {}
     if restored.get("action") == "rolled_back":
         return "rolled_back"

@@ -211,11 +211,14 @@ def test_report_actions() -> None:
     assert ro.action_of({"dry_run": True}) == "would_roll_out"
     assert ro.action_of({"already_active": True}) == "already_active"
     assert ro.action_of({"failed_task": None}) == "rolled_out"
-    assert ro.action_of({"failed_task": "gate", "restored": {"action": "rolled_back"}}) \
+    read = {"probe": {"status": {"active": "a:1"}}}
+    assert ro.action_of({**read, "failed_task": "gate", "restored": {"action": "rolled_back"}}) \
         == "rolled_back"
-    assert ro.action_of({"failed_task": "shadow", "restored": {"action": "unchanged"}}) \
+    assert ro.action_of({**read, "failed_task": "shadow", "restored": {"action": "unchanged"}}) \
         == "stopped_before_activation"
-    assert ro.action_of({"failed_task": "probe", "restored": {}}) == "failed_not_restored"
+    assert ro.action_of({**read, "failed_task": "gate", "restored": {
+        "action": "rollback_failed"}}) == "failed_not_restored"
+    assert ro.action_of({"failed_task": "probe", "restored": {}}) == "unreachable"
 
 
 def _rollout(*args: str) -> subprocess.CompletedProcess[str]:
@@ -244,3 +247,32 @@ def test_damaged_package_is_refused_before_any_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not a model package" in r.stderr, r.stderr
     r = _rollout("--inventory", str(inv), "--package", str(DEMO / "package"), "--waves", "1,x")
     assert r.returncode == 2 and "bad wave" in r.stderr, r.stderr
+
+
+def test_a_line_that_cannot_be_reached_stops_the_rollout(tmp_path: Path) -> None:
+    """No daemon behind the first line's socket: it fails (nothing to restore), the report says
+    why, and the next wave is never started."""
+    from tests.support import free_port
+
+    hosts = []
+    for name in ("down1", "down2"):
+        cfg = tmp_path / name / "line.yaml"
+        cfg.parent.mkdir()
+        cfg.write_text(
+            f"line: {name}\ncameras: [{{id: c, type: replay, plc_slot: 0, path: "
+            f"{DEMO / 'samples'}}}]\nmodel: {{package: {DEMO / 'package'}}}\n"
+            f"plc: {{type: modbus}}\nuplink: {{spool_dir: {tmp_path / name / 'spool'}}}\n"
+            f"observability: {{port: {free_port()}}}\n")
+        hosts.append(f"{name} edge_config={cfg}")
+    inv = tmp_path / "inv.ini"
+    inv.write_text("\n".join(hosts) + f"\n\n[all:vars]\nansible_connection=local\n"
+                   f"ansible_python_interpreter={sys.executable}\n")
+    report = tmp_path / "r.json"
+    r = _rollout("--inventory", str(inv), "--package", str(DEMO / "package"),
+                 "--report", str(report))
+    assert r.returncode == 1, r.stdout + r.stderr
+    rep = json.loads(report.read_text())
+    down1, down2 = rep["hosts"]
+    assert down1["action"] == "unreachable" and "no daemon listening" in down1["error"]
+    assert down2["action"] == "not_reached"
+    assert rep["result"] == "stopped" and rep["stopped_at"] == ["down1"]

@@ -128,3 +128,10 @@ def test_good_package_reaches_every_line(
     for ln in fleet:
         assert any(row.split()[1:2] == [ln.name] and "rolled_out" in row
                    for row in out.splitlines() if row[:1].isdigit()), out
+    # run again (all lines in one wave): every line already runs it, nothing is re-done
+    rc, rep, out = rollout(inventory, good_package, tmp_path, "--waves", "100%")
+    assert rc == 0, out
+    assert rep["waves"] == [["line2", "line1", "line3"]]
+    assert {h["action"] for h in rep["hosts"]} == {"already_active"}, out
+    assert all(h["gate"] is None and h["shadow"] is None for h in rep["hosts"])
+    assert {ln.status()["previous"] for ln in fleet} == {before[ln.name]["active"] for ln in fleet}
