@@ -4,6 +4,7 @@ and the packages the issue's acceptance rolls out."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Line]]:
             cfg = _line_yaml(base / f"line{i}", f"line{i}", port)
             log = base / f"line{i}" / "daemon.log"
             stack.enter_context(spawned(
-                [*EDGE, "run", "--config", str(cfg)], ready=lambda p=port: _healthy(p),
+                [*EDGE, "run", "--config", str(cfg)], ready=functools.partial(_healthy, port),
                 what=f"line{i} daemon", timeout_s=90, log=log))
             lines.append(Line(f"line{i}", cfg, port, log))
         yield lines

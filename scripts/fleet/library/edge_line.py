@@ -32,31 +32,73 @@ DOCUMENTATION = r"""
 module: edge_line
 short_description: One step of a model rollout on an edge-inspect line
 description:
-  - before reads the running model and health and measures the line's baseline window;
-    import unpacks the staged package archive and verifies and copies it into the line's model
-    store (the archive is removed); shadow soaks a candidate
-    on a sample of live parts and judges its agreement; activate switches the line to it;
-    gate measures a window after the switch and compares it with the line's own baseline;
-    restore stops a shadow and rolls the line back to the model it ran before.
+  - C(before) reads the running model and health and measures the line's baseline window.
+  - C(import) unpacks the staged package archive, verifies and copies it into the line's model
+    store (C(edge model import)) and removes the archive.
+  - C(shadow) soaks the candidate on a sample of live parts and judges its agreement.
+  - C(activate) switches the line to it; C(gate) measures a window after the switch and compares
+    it with the line's own baseline; C(restore) stops a shadow and rolls the line back.
 options:
-  step: {type: str, required: true,
-         choices: [before, import, shadow, activate, gate, restore]}
-  config: {type: path, required: true, description: the line YAML (host var edge_config)}
-  edge_bin: {type: str, default: edge, description: the edge CLI on the line (import only)}
-  control_socket: {type: str, description: override the socket path read from the config}
-  http: {type: str, description: override host:port of /healthz and /metrics}
-  package: {type: path, description: staged package archive, a tar (import)}
-  ref: {type: str, description: NAME:VERSION of the candidate}
-  digest: {type: str, description: the candidate's package digest (checked after activation)}
-  window_s: {type: float, default: 60}
-  min_parts: {type: int, default: 100}
-  timeout_s: {type: float, default: 300}
-  sample: {type: float, default: 0.1, description: shadow share of parts}
-  min_frames: {type: int, default: 100, description: shadow frames needed}
-  baseline: {type: dict, description: the before step's figures (gate)}
-  before_health: {type: dict, description: the before step's health before the change (gate)}
-  limits: {type: dict, description: GateLimits fields (edge_fleet.py)}
-  expect_active: {type: str, description: NAME:VERSION the line ran before (restore)}
+  step:
+    description: The step to run.
+    type: str
+    required: true
+    choices: [before, import, shadow, activate, gate, restore]
+  config:
+    description: The line YAML (host var edge_config).
+    type: path
+    required: true
+  edge_bin:
+    description: The edge CLI on the line (import only).
+    type: str
+    default: edge
+  control_socket:
+    description: Override the control socket path read from the config.
+    type: str
+  http:
+    description: Override host:port of /healthz and /metrics.
+    type: str
+  package:
+    description: The staged package archive, a tar (import).
+    type: path
+  ref:
+    description: NAME:VERSION of the candidate.
+    type: str
+  digest:
+    description: The candidate's package digest (checked after activation).
+    type: str
+  window_s:
+    description: Length of a measurement window or of the shadow soak, seconds.
+    type: float
+    default: 60
+  min_parts:
+    description: Decided parts a window must hold.
+    type: int
+    default: 100
+  timeout_s:
+    description: Give up on a window (or the soak) after this long.
+    type: float
+    default: 300
+  sample:
+    description: Share of parts the shadow infers.
+    type: float
+    default: 0.1
+  min_frames:
+    description: Shadow results needed.
+    type: int
+    default: 100
+  baseline:
+    description: The before step's window figures (gate).
+    type: dict
+  before_health:
+    description: The before step's health (gate).
+    type: dict
+  limits:
+    description: GateLimits fields (module_utils/edge_fleet.py).
+    type: dict
+  expect_active:
+    description: NAME:VERSION the line ran before (restore).
+    type: str
 """
 
 def _status(sock: str) -> dict[str, Any]:
