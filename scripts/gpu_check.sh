@@ -24,7 +24,7 @@
 # Knobs (environment): TRT_SPEC (pip requirement of TensorRT; default by CUDA major, < 11),
 # ENGINE_TIMEOUT_S (300 per engine build), SETUP_TIMEOUT_MIN (25, installs; outside the check
 # budget), BENCH_CAMERAS ("1 4 8 16"), BENCH_RATE (60), BENCH_DURATION (10 s), BENCH_WORKERS (auto),
-# COMPARE_IMAGES (80), MIN_AGREEMENT_FP16 (0.98) / MIN_AGREEMENT_INT8 (0.95) for the demo model,
+# CHECK_MODELS ("demo yolov8n-seg yolov8s-seg"), COMPARE_IMAGES (80), MIN_AGREEMENT_FP16 (0.98) / MIN_AGREEMENT_INT8 (0.95) for the demo model,
 # SRC (../shared/data/magnetic-tile), TRAIN_EPOCHS (50), TRAIN_BATCH (64), TRAIN_DEVICE (0).
 set -euo pipefail
 
@@ -72,7 +72,7 @@ HELPER=scripts/gpu/gpucheck.py
 
 ENGINE_TIMEOUT_S="${ENGINE_TIMEOUT_S:-300}"
 SETUP_TIMEOUT_MIN="${SETUP_TIMEOUT_MIN:-25}"
-BENCH_CAMERAS="${BENCH_CAMERAS:-1 4 8 16}"
+BENCH_CAMERAS="${BENCH_CAMERAS-1 4 8 16}"  # empty: no bench
 BENCH_RATE="${BENCH_RATE:-60}"
 BENCH_DURATION="${BENCH_DURATION:-10}"
 BENCH_WORKERS="${BENCH_WORKERS:-auto}"
@@ -87,7 +87,13 @@ MIN_STEP_S=15          # a step that would get less time than this is skipped, n
 
 DEMO_PKG=models/demo/package
 DEMO_SAMPLES=models/demo/samples
-MODELS=(demo yolov8n-seg yolov8s-seg)
+read -r -a MODELS <<< "${CHECK_MODELS:-demo yolov8n-seg yolov8s-seg}"
+for m in "${MODELS[@]}"; do
+  case "$m" in
+    demo|yolov8n-seg|yolov8s-seg) ;;
+    *) echo "error: CHECK_MODELS: '$m' is not demo, yolov8n-seg or yolov8s-seg" >&2; exit 2 ;;
+  esac
+done
 PRECISIONS=(fp16 int8)
 
 DEADLINE=0             # epoch seconds when the check budget ends (0: not started)
@@ -335,9 +341,17 @@ setup_tensorrt() {
 
 # ---- check mode ----
 
+wants() {  # is this model in CHECK_MODELS?
+  local m
+  for m in "${MODELS[@]}"; do [ "$m" = "$1" ] && return 0; done
+  return 1
+}
+
 prepare_inputs() {
-  local size n scale model pkg pt onnx
-  for size in 256 640; do
+  local size n scale model pkg pt onnx sizes=()
+  if wants demo; then sizes+=(256); fi
+  if wants yolov8n-seg || wants yolov8s-seg; then sizes+=(640); fi
+  for size in "${sizes[@]}"; do
     n=160; [ "$size" = 640 ] && n=120
     if [ "$DRY_RUN" = 0 ] && [ -f "$WORK/synth$size/data.yaml" ]; then
       cached "synth-$size" "$WORK/synth$size"
@@ -348,6 +362,7 @@ prepare_inputs() {
   done
   for scale in n s; do
     model="yolov8$scale-seg"
+    wants "$model" || continue
     pkg="$WORK/packages/$model"
     pt="$WORK/random/$model.pt"
     onnx="$WORK/random/$model-640.onnx"

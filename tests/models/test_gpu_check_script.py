@@ -485,3 +485,101 @@ def test_default_engine_cache_is_writable_under_the_systemd_unit() -> None:
     writable += [Path("/var/cache") / d for d in svc.get("CacheDirectory", "").split()]
     cache = TensorRTSettings().cache_dir
     assert any(cache.is_relative_to(w) for w in writable), (cache, writable)
+
+
+# ---- rehearsals of the real (non-dry) run on a CPU box ----
+
+FAKE_GPU = SAMPLES / "fake_gpu"
+"""A stand-in nvidia-smi (T4, CUDA 12.2) and stand-in tensorrt/pycuda modules whose "engine" is
+the ONNX file run by ONNX Runtime: they prove the script's orchestration, not TensorRT."""
+
+
+def _rehearsal_env(tmp_path: Path, fake_trt: bool, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PATH": f"{FAKE_GPU / 'bin'}:{os.environ['PATH']}",
+        "WORK": str(tmp_path / "work"),
+        "YOLO_CONFIG_DIR": str(tmp_path / "yolo"),
+        "PIP_NO_INDEX": "1",  # never reach a registry from a test
+        "CHECK_MODELS": "demo",
+        "COMPARE_IMAGES": "4",
+        "BENCH_CAMERAS": "",
+        **extra,
+    }
+    if fake_trt:
+        env["PYTHONPATH"] = str(FAKE_GPU)
+    return env
+
+
+def test_rehearsal_builds_compares_and_summarises(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = _run(
+        ["bash", str(SCRIPT), "--out", str(out), "--timeout-min", "10"],
+        env=_rehearsal_env(tmp_path, fake_trt=True),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert out.is_dir() and not Path(f"{out}.partial").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and summary["state"] == "finished", summary["failed_steps"]
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    for step in ("versions", "synth-256", "build-demo-fp16", "build-demo-int8", "line-yaml"):
+        assert status[step] == "ok", (step, status)
+    assert status["setup-venv"] == "cached" and status["pip-tensorrt"] == "cached"
+    assert summary["gpu"]["cuda_major"] == 12 and summary["gpu"]["name"] == "Fake T4"
+    assert summary["versions"]["gpu_identity"] == "Fake-T4-sm75"
+    # The TensorRT path (engine -> pinned buffers -> decode) decides exactly like ONNX Runtime
+    # when the "engine" is the same network.
+    for prec in ("fp16", "int8"):
+        cmp = json.loads((out / "compare" / f"demo-{prec}.json").read_text())
+        assert cmp["images"] == 4 and cmp["agreement"] == 1.0 and cmp["precision"] == prec
+        meta = json.loads((tmp_path / "work" / "engines" / f"demo-{prec}.engine.json").read_text())
+        assert meta["gpu"] == "Fake-T4-sm75" and meta["precision"] == prec
+    assert (tmp_path / "work" / "engines" / "demo-int8.calib").read_bytes().startswith(b"fake")
+    assert "summary: OK" in r.stdout
+
+
+def test_rehearsal_failed_install_is_reported_not_half_written(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = _run(["bash", str(SCRIPT), "--out", str(out)], env=_rehearsal_env(tmp_path, fake_trt=False))
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert "pip could not install tensorrt-cu12" in r.stderr
+    assert not Path(f"{out}.partial").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["state"] == "failed" and not summary["ok"]
+    assert summary["failed_steps"] == ["pip-tensorrt"]
+    assert (out / "logs" / "pip-tensorrt.log").read_text().strip()
+
+
+def test_rehearsal_interrupted_leaves_partial_and_no_processes(tmp_path: Path) -> None:
+    import signal
+
+    from tests.support import wait_until
+
+    out = tmp_path / "run"
+    part = Path(f"{out}.partial")
+    # A slow first step: a big synthetic set, so the signal lands while it runs.
+    env = _rehearsal_env(tmp_path, fake_trt=True, CHECK_MODELS="yolov8n-seg")
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "--out", str(out)], env=env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: (part / "logs" / "synth-640.log").exists(), 60, "the synth step")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    assert part.is_dir() and not out.exists()
+    assert json.loads((part / "summary.json").read_text())["state"] == "interrupted"
+    # Each step runs in its own process group, which the trap ends: nothing is left running.
+    wait_until(
+        lambda: (
+            subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True).returncode
+            != 0
+        ),
+        30,
+        "the interrupted step's processes to end",
+    )
