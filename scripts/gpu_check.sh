@@ -507,7 +507,8 @@ train_mode() {
   run_step torch-cuda 120 "$PY" -c "import torch, sys; ok = torch.cuda.is_available(); \
 print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'available', ok, \
 torch.cuda.get_device_name(0) if ok else ''); sys.exit(0 if ok else 1)" \
-    || die "torch cannot use the GPU (its CUDA build needs a newer driver?): see logs/torch-cuda.log"
+    || die "torch cannot use the GPU: see logs/torch-cuda.log (torch 2.14.1 from PyPI is a CUDA 13
+build that needs driver >= 580; on an older driver install the torch build for its CUDA)"
   # The existing recipe script, with the design's hyperparameters (models/training/recipe.py
   # defaults: lr0 0.00232, batch 64, 50 epochs, warm-up 3, mosaic off for the last 10) at the
   # native 640 px, yolov8n-seg, split by tile group (convert-magnetic-tile), no time cap.

@@ -540,7 +540,12 @@ def test_rehearsal_builds_compares_and_summarises(tmp_path: Path) -> None:
 
 def test_rehearsal_failed_install_is_reported_not_half_written(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = _run(["bash", str(SCRIPT), "--out", str(out)], env=_rehearsal_env(tmp_path, fake_trt=False))
+    # tensorrt does not import (even on a box that has it), and pip has no index to install from.
+    broken = tmp_path / "broken" / "tensorrt"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('no TensorRT in this rehearsal')\n")
+    env = _rehearsal_env(tmp_path, fake_trt=False, PYTHONPATH=str(broken.parent))
+    r = _run(["bash", str(SCRIPT), "--out", str(out)], env=env)
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     assert "pip could not install tensorrt-cu12" in r.stderr
     assert not Path(f"{out}.partial").exists()
@@ -583,3 +588,23 @@ def test_rehearsal_interrupted_leaves_partial_and_no_processes(tmp_path: Path) -
         30,
         "the interrupted step's processes to end",
     )
+
+
+def test_train_mode_needs_the_data_and_a_gpu_for_torch(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = _rehearsal_env(tmp_path, fake_trt=False, SRC=str(tmp_path / "no-data"))
+    r = _run(["bash", str(SCRIPT), "--mode", "train", "--out", str(out)], env=env)
+    assert r.returncode == 2 and "magnetic-tile data is not at" in r.stderr
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    data = tmp_path / "mt"
+    data.mkdir()
+    (data / "ABOUT.md").write_text("stand-in")
+    env["SRC"] = str(data)
+    # The stand-in nvidia-smi passes the preflight, but torch sees no CUDA device (hidden even on
+    # a GPU box).
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = _run(["bash", str(SCRIPT), "--mode", "train", "--out", str(out)], env=env)
+    assert r.returncode == 1 and "torch cannot use the GPU" in r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed_steps"] == ["torch-cuda"] and summary["mode"] == "train"
+    assert "available False" in (out / "logs" / "torch-cuda.log").read_text()
