@@ -24,6 +24,7 @@ from edge.pipeline import PipelineSettings
 from edge.plcinputs import PlcInputSettings
 from edge.recipes import RecipesSettings
 from models.config import ModelSettings
+from models.drift import DriftSettings
 from plc.config import PlcSettings
 from uplink.config import UplinkSettings
 
@@ -77,6 +78,8 @@ class LineConfig(BaseModel):
     plc_inputs: PlcInputSettings = Field(default_factory=PlcInputSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    """Drift watch: live frame and model statistics against a baseline, per camera."""
     """Gates of `edge model promote` and of the canary's automatic rollback."""
     state_dir: Path | None = None
     """Where the daemon keeps what it must remember across restarts (selected recipe, control

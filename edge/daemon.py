@@ -12,6 +12,7 @@ watchdog tell the truth about them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import os
@@ -37,7 +38,7 @@ from edge.lifecycle import ModelManager
 from edge.logs import configure_logging
 from edge.metrics import Metrics, Sample, SnapshotCollector
 from edge.operator import OperatorView
-from edge.pipeline import Pipeline
+from edge.pipeline import DecidedPart, Pipeline
 from edge.plcinputs import PlcInputWatcher
 from edge.plcqueue import DeadlineOrderedLink
 from edge.pool import CANDIDATE_NICE, InferencePool, PoolModel
@@ -46,11 +47,12 @@ from edge.stats import RunStats
 from edge.supervisor import Supervisor
 from edge.systemd import Notifier
 from models.config import ModelSettings
+from models.drift import DRIFT_METRICS, CameraDrift, DriftWatch, load_package_baseline
 from models.loader import load_detector
 from models.package import ModelPackage, verify_package
 from plc.config import ModbusSettings
 from plc.factory import create_link, simulated_settings
-from plc.record import Alarm, WriteOutcome
+from plc.record import Alarm, Verdict, WriteOutcome
 from plc.sim import ModbusPlcSimulator
 from uplink.forwarder import Forwarder
 from uplink.spool import Spool
@@ -131,6 +133,12 @@ class Daemon:
         self.inputs: PlcInputWatcher | None = None
         self.models: ModelManager | None = None
         self.view: OperatorView | None = None
+        self.drift: DriftWatch | None = None
+        self.drift_state: dict[str, CameraDrift] = {}
+        """Cached by the housekeeping task; read by /healthz, /metrics and the alarm word."""
+        self._drift_observed: collections.Counter[str] = collections.Counter()
+        self._drift_evaluated: dict[str, int] = {}
+        """Frames observed per camera, and how many of them the last evaluation had seen."""
         self.control: ControlServer | None = None
         self.heartbeat = 0
         self.alarms = Alarm(0)
@@ -258,6 +266,16 @@ class Daemon:
         self.pipeline.observers.append(self.models.observe)
         self.view = OperatorView(cfg.line, budget_ms=cfg.pipeline.budget_ms)
         self.pipeline.observers.append(self.view.observe)
+        if cfg.drift.enabled and self.active is not None:
+            settings = self.active.settings
+            self.drift = DriftWatch(
+                cfg.drift,
+                self.active.package.manifest.classes,
+                await loop.run_in_executor(None, load_package_baseline, settings.package),
+                score_floor=settings.conf_threshold,
+            )
+            self.pipeline.collect_stats = True
+            self.pipeline.observers.append(self._drift_observe)
 
         if cfg.observability.enabled:
             obs = cfg.observability
@@ -414,6 +432,11 @@ class Daemon:
             recipe = self.recipes.for_part()
         self.pipeline.submit(frame, recipe)
 
+    def _drift_observe(self, part: DecidedPart) -> None:
+        if self.drift is not None and part.stats is not None and part.decision is not None:
+            self.drift.observe(part.frame.camera_id, part.stats, part.verdict is Verdict.DEFECT)
+            self._drift_observed[part.frame.camera_id] += 1
+
     def _trigger_lost_from_thread(self, camera_id: str, part_id: int, reason: str) -> None:
         loop, inputs = self._loop, self.inputs
         if loop is not None and inputs is not None and not loop.is_closed():
@@ -466,6 +489,8 @@ class Daemon:
             alarms |= Alarm.PLC_RECOVERED
         if self.recipes.unknown_selected:
             alarms |= Alarm.RECIPE_UNKNOWN
+        if any(c.active for c in self.drift_state.values()):
+            alarms |= Alarm.DRIFT
         if self.inputs is not None and any(
             n >= self.config.plc_inputs.unacked_alarm for n in self.inputs.unacked.values()
         ):
@@ -520,6 +545,10 @@ class Daemon:
             self._check_model()
             if self.models is not None:
                 await self.models.watch()
+            if self.drift is not None:  # ~0.2 ms per camera: every tick
+                seen = dict(self._drift_observed)
+                self.drift_state = self.drift.evaluate()
+                self._drift_evaluated = seen
             if self.plc is not None:
                 self.metrics.plc_pending.set(self.plc.pending)
             if self.pipeline is not None:
@@ -621,6 +650,15 @@ class Daemon:
         doc["recipe"] = self.recipes.describe()
         if self.inputs is not None:
             doc["plc_inputs"] = self.inputs.stats()
+        if self.drift is not None:
+            evaluated = dict(self._drift_evaluated)
+            doc["drift"] = {
+                "cameras": {
+                    c: {**d.as_json(), "evaluated_frames": evaluated.get(c, 0)}
+                    for c, d in self.drift_state.items()
+                },
+                "observed_frames": dict(self._drift_observed),
+            }
         if self.spool_stats:
             doc["spool"] = self.spool_stats
         return ok, doc
@@ -677,6 +715,9 @@ class Daemon:
             yield Sample("edge_task_up", "gauge",
                          "1 while the supervised task runs (0: crashed, or given up on).",
                          {"task": name}, 1.0 if h["running"] and not h["given_up"] else 0.0)
+        for drift in list(self.drift_state.values()):
+            for metric, labels, level in drift.metrics():
+                yield Sample(metric, "gauge", DRIFT_METRICS[metric][0], labels, level)
         yield Sample("edge_line_info", "gauge", "The line this daemon decides parts for.",
                      {"line": self.config.line}, 1.0)
         yield Sample("edge_pipeline_budget_ms", "gauge",
@@ -854,6 +895,12 @@ class Daemon:
         self.pipeline.swap_model(candidate.pool, candidate.model)
         self._set("model", candidate.pool.up, candidate.model.model_id)
         self.config = self.config.model_copy(update={"model": candidate.settings})
+        if self.drift is not None:  # a new model: a new baseline (its package's, or learned)
+            self.drift.reset(
+                load_package_baseline(candidate.settings.package),
+                classes=candidate.package.manifest.classes,
+                score_floor=candidate.settings.conf_threshold,
+            )
         if previous is not None:
             # Batches already running on the old workers finish first; then they stop.
             task = asyncio.ensure_future(previous.pool.close(self.config.pipeline.model_hang_s))

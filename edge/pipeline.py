@@ -299,11 +299,17 @@ class Pipeline:
         self.metrics.queue_depth.set(len(self._queue))
 
     def fail_part(
-        self, camera_id: str, part_id: int, reason: FailsafeReason, captured_ns: int | None = None
+        self,
+        camera_id: str,
+        part_id: int,
+        reason: FailsafeReason,
+        captured_ns: int | None = None,
+        recipe: int | None = None,
     ) -> None:
         """A part that will never have a frame (a missed or lost trigger): its fail-safe record.
 
-        The deadline counts from when the part was announced (`captured_ns`, default now).
+        The deadline counts from when the part was announced (`captured_ns`, default now); the
+        record carries the part's recipe when it is known.
         """
         now = self._clock_ns()
         frame = Frame(
@@ -315,7 +321,8 @@ class Pipeline:
             image=np.zeros((1, 1), np.uint8),
             pixel_format="none",
         )
-        job = Job(frame, self.camera_slots[camera_id], frame.captured_ns + self._budget_ns, now)
+        job = Job(frame, self.camera_slots[camera_id], frame.captured_ns + self._budget_ns, now,
+                  recipe=recipe or 0)
         self.metrics.frames.labels(camera_id).inc()
         self.stats.frames += 1
         self.stats.per_camera_frames[camera_id] += 1

@@ -50,8 +50,8 @@ class PlcInputSettings(BaseModel):
     """Acknowledged mode: records not yet acknowledged by the PLC that raise the alarm bit."""
 
 
-FailPart = Callable[[str, int, FailsafeReason, int | None], None]
-"""(camera id, part id, reason, announced at ns) -> writes that part's fail-safe record."""
+FailPart = Callable[[str, int, FailsafeReason, int | None, int | None], None]
+"""(camera id, part id, reason, announced at ns, recipe) -> writes the part's fail-safe record."""
 
 
 @dataclass(slots=True)
@@ -186,7 +186,7 @@ class PlcInputWatcher:
             return
         for _ in range(jump - 1):
             self.missed += 1
-            self.fail_part(slot.camera_id, 0, FailsafeReason.TRIGGER_MISSED, read_ns)
+            self.fail_part(slot.camera_id, 0, FailsafeReason.TRIGGER_MISSED, read_ns, None)
         self._announce(slot, slot.part_id, read_ns)
 
     def _announce(self, slot: _Slot, part_id: int, read_ns: int) -> None:
@@ -195,7 +195,7 @@ class PlcInputWatcher:
         part = _Part(part_id, self.recipes.for_part(), read_ns)
         if not slot.worker.trigger(part_id):
             self.no_frame += 1
-            self.fail_part(slot.camera_id, part_id, FailsafeReason.NO_FRAME, read_ns)
+            self.fail_part(slot.camera_id, part_id, FailsafeReason.NO_FRAME, read_ns, part.recipe)
             return
         loop = asyncio.get_running_loop()
         part.timer = loop.call_at(
@@ -212,7 +212,7 @@ class PlcInputWatcher:
                 part.timer.cancel()
             self.no_frame += 1
             self.fail_part(slot.camera_id, part.part_id, FailsafeReason.NO_FRAME,
-                           part.announced_ns)
+                           part.announced_ns, part.recipe)
 
     # ---- frames and lost triggers (event loop) ----------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -183,3 +185,17 @@ def assert_each_frame_decided_once(
         if cam in last:
             assert seq == last[cam] % 0xFFFF_FFFF + 1, f"slot {cam}: sequence {last[cam]} -> {seq}"
         last[cam] = seq
+
+
+def stop(d: DaemonProc, timeout_s: float = 30.0) -> int:
+    """SIGTERM (as systemd sends it), then the exit code; a daemon that does not stop in time
+    fails the test with what its threads were doing (py-spy) and its last log lines."""
+    d.proc.send_signal(signal.SIGTERM)
+    try:
+        return d.proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        dump = subprocess.run([spy, "dump", "--pid", str(d.proc.pid)], capture_output=True,
+                              text=True, timeout=30).stdout if Path(spy).exists() else ""
+        tail = "\n".join(json.dumps(x)[:300] for x in d.lines[-30:])
+        raise AssertionError(f"daemon did not stop within {timeout_s}s\n{dump}\n{tail}") from None

@@ -30,6 +30,7 @@ from tests.core.harness import (
     inference_children,
     line_yaml,
     running_daemon,
+    stop,
 )
 from tests.support import mbpoll_read, wait_until
 
@@ -200,8 +201,7 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
         wait_until(lambda: d.event("reload_needs_restart") is not None, 30, "restart warning")
         assert d.event("reload_needs_restart")["sections"] == ["cameras"]  # type: ignore[index]
         assert d.proc.poll() is None
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert_each_frame_decided_once(s, plc.records)
 
@@ -255,8 +255,7 @@ def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
         shutil.copytree(DEMO_SAMPLES, images, dirs_exist_ok=True)
         wait_until(lambda: len(plc.records) >= 5, 30, "decisions after the camera recovered")
         wait_until(lambda: alarm_word() & 1 == 0, 10, "CAMERA_DOWN cleared")
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
 
 
 def test_heartbeat_stops_when_the_daemon_dies(
@@ -303,8 +302,7 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
             assert d.event("inference_process_killed") is not None
         (new_worker,) = inference_children(d.proc.pid)
         assert new_worker != worker
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert_each_frame_decided_once(s, plc.records)
     allowed = {"inference_timeout", "queue_wait", "model_error", "model_down", "plc_retry"}
@@ -328,8 +326,7 @@ def test_daemon_end_to_end_from_a_genicam_camera(
     config = line_yaml(tmp_path, plc.port, demo_package, cameras=[camera])
     with running_daemon(config, tmp_path) as d:
         wait_until(lambda: len(plc.records) >= 30, 30, "30 decisions from the GenICam camera")
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["decided"] >= 30
     assert_each_frame_decided_once(s, plc.records)

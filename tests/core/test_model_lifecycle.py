@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,13 @@ import pytest
 
 from plc.record import Verdict
 from tests.core.conftest import DEMO_SAMPLES, PlcProcess, mbpoll_record
-from tests.core.harness import EDGE, assert_each_frame_decided_once, line_yaml, running_daemon
+from tests.core.harness import (
+    EDGE,
+    assert_each_frame_decided_once,
+    line_yaml,
+    running_daemon,
+    stop,
+)
 from tests.support import wait_until
 
 CAMERA_60FPS = {"id": "cam0", "type": "replay", "plc_slot": 0, "path": str(DEMO_SAMPLES),
@@ -67,8 +72,7 @@ def test_activate_rollback_shadow_at_full_rate(
         sh = st["shadow"]
         assert sh["frames"] >= 100 and sh["agreement"] >= 0.99, sh
         assert sh["latency_ms"]["p50"] > 0 and sh["latency_ms"]["p99"] >= sh["latency_ms"]["p50"]
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert_each_frame_decided_once(s, plc.records)
     assert s["failsafes"] == {} and s["deadline_misses"] == 0, s
@@ -91,15 +95,13 @@ def test_activation_survives_a_restart_and_a_bad_package_is_refused(
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "refused" in r.stderr, r.stderr
         edge("swap-model", str(pkg), "--config", str(config))
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     with running_daemon(config, tmp_path) as d:
         st = edge("model", "status", "--config", str(config), "--json")
         assert st["active"] == "synth-demo:1.0.2", st
         wait_until(lambda: len(plc.full) > 20 and plc.full[-1]["verdict"] in (
             Verdict.OK, Verdict.DEFECT), 30, "real verdicts after the restart")
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
 
 
 def flipping_package(tmp: Path, version: str) -> Path:
@@ -136,7 +138,6 @@ def test_canary_that_flips_parts_to_defect_is_rolled_back_automatically(
         st = edge("model", "status", "--config", str(config), "--json")
         assert st["canary"] is None and st["active"] == "synth-demo:1.0.0"
         assert "defect rate" in st["last_event"]["why"], st["last_event"]
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert_each_frame_decided_once(s, plc.records)

@@ -18,7 +18,7 @@ import pytest
 
 from plc.record import FailsafeReason, Verdict
 from tests.core.conftest import DEMO_SAMPLES, PlcProcess
-from tests.core.harness import EDGE, line_yaml, running_daemon
+from tests.core.harness import EDGE, line_yaml, running_daemon, stop
 from tests.plc.plcpeers import PyModbusTcpPeer
 from tests.support import wait_until
 
@@ -82,8 +82,7 @@ def test_plc_triggered_parts_echo_their_ids_and_continue_the_plc_sequence(
                 assert rec["part_id"] == part, rec
                 assert rec["verdict"] in (Verdict.OK, Verdict.DEFECT), rec
                 time.sleep(0.1)  # the PLC's part spacing (the acceptance says 100 ms apart)
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0
     assert max(took) < BUDGET_S, f"slowest part took {max(took) * 1000:.0f} ms"
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["frames"] == s["decided"] == 20, s
@@ -105,8 +104,7 @@ def test_missed_triggers_get_their_own_failsafe_records(
                 plc.trigger(200, 300, part)
             wait_until(lambda: record(plc)["sequence"] == 4, 5, "three more records")
             assert record(plc)["part_id"] == 14
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["failsafes"].get("trigger_missed") == 2, s["failsafes"]
     assert s["plc_inputs"]["missed_triggers"] == 2
@@ -125,8 +123,7 @@ def test_sequence_continues_across_a_daemon_restart(tmp_path: Path, demo_package
                 base = 0x0001FFFF + 3 * run
                 for k in range(3):
                     announce_and_wait(plc, 100 * run + k, base + k + 1)
-                d.proc.send_signal(signal.SIGTERM)
-                assert d.proc.wait(30) == 0
+                assert stop(d) == 0
         assert record(plc)["sequence"] == 0x0001FFFF + 6
 
 
@@ -158,7 +155,7 @@ def test_recipe_switching_at_full_rate_applies_exactly_at_the_part_boundary(
         shutil.copy(f, defects)
     port = free_port()
     program = {"trigger_rate_hz": 60, "slots": [0], "recipes": [1, 2],
-               "recipe_switch_every_parts": 1, "part_id_start": 1, "max_parts": 240}
+               "recipe_switch_every_parts": 1, "part_id_start": 1}
     sim = PlcProcess.start(port, [sys.executable, "-u", "-m", "plc.sim", "--port", str(port),
                                   "--camera-slots", "4", "--log-records",
                                   "--program", json.dumps(program)])
@@ -168,8 +165,7 @@ def test_recipe_switching_at_full_rate_applies_exactly_at_the_part_boundary(
                            plc={"type": "modbus", "host": "127.0.0.1", "port": port})
         with running_daemon(config, tmp_path) as d:
             wait_until(lambda: len(sim.records) >= 200, 60, "200 records")
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0
     finally:
         sim.stop()
     s = json.loads((tmp_path / "summary.json").read_text())
@@ -209,8 +205,7 @@ def test_unknown_recipe_is_failsafed_and_alarmed_never_guessed(
             wait_until(lambda: not plc.get(101, 1)[0] & (1 << 6), 5, "alarm cleared")
             announce_and_wait(plc, 7, 3)
             assert record(plc)["recipe"] == 2 and record(plc)["verdict"] == Verdict.OK
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0
 
 
 def test_edge_recipe_set_switches_a_cli_selected_line(
@@ -231,15 +226,13 @@ def test_edge_recipe_set_switches_a_cli_selected_line(
             assert ok.returncode == 0, ok.stderr
             announce_and_wait(plc, 2, 2)
             assert record(plc)["recipe"] == 2
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0
         # Kept across a restart.
         with running_daemon(config, tmp_path) as d:
             wait_line_ready(d)
             announce_and_wait(plc, 3, 3)
             assert record(plc)["recipe"] == 2
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0
 
 
 @pytest.mark.parametrize("peer", ["s7-python", "s7-native", "opcua"])
@@ -292,8 +285,7 @@ def test_plc_triggered_parts_on_s7_and_opcua(
             for k in range(5):
                 trigger(7000 + k, k + 1)
                 wait_until(lambda k=k: got() == (7000 + k, 5001 + k), 5, f"record {k}")
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0
     finally:
         stop()
 
@@ -316,8 +308,7 @@ def test_unknown_write_later_confirmed_updates_its_event(
         finally:
             os.killpg(plc.proc.pid, signal.SIGCONT)
         wait_until(lambda: d.event("plc_write_confirmed") is not None, 20, "the read-back")
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     with sqlite3.connect(tmp_path / "spool" / "spool.db") as conn:
         events = [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events")]
     amendments = [e for e in events if e.get("kind") == "amendment"]
@@ -349,5 +340,4 @@ def test_hardware_triggered_frames_latch_the_plc_part_id(
             wait_until(lambda: record(plc)["part_id"] == 222, 10, "the next part id latched")
             wait_until(lambda: record(plc)["sequence"] >= seq + 5, 10, "more records")
             assert record(plc)["part_id"] == 222
-            d.proc.send_signal(signal.SIGTERM)
-            assert d.proc.wait(30) == 0
+            assert stop(d) == 0

@@ -23,6 +23,7 @@ from tests.core.harness import (
     line_yaml,
     metrics_text,
     running_daemon,
+    stop,
 )
 from tests.support import mbpoll_read, wait_until
 
@@ -64,8 +65,7 @@ def test_healthz_tells_the_truth_while_no_real_verdict_is_produced(
             lambda: not mbpoll_read(plc.port, 101, 1)[0] & int(Alarm.MODEL_DOWN), 5,
             "MODEL_DOWN cleared",
         )
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = summary(tmp_path)
     assert_each_frame_decided_once(s, plc.records)
 
@@ -91,8 +91,7 @@ def test_repeated_worker_crashes_respawn_and_admission_recovers(
         wait_until(lambda: any(v in REAL for *_, v in plc.records[n:]), 40, "real verdicts again")
         m = len(plc.records)
         wait_until(lambda: len(plc.records) >= m + 60, 30, "one more second of frames")
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = summary(tmp_path)
     assert_each_frame_decided_once(s, plc.records)
     tail = [v for *_, v in plc.records[m:]]
@@ -127,8 +126,7 @@ def test_sighup_with_unreadable_files_is_a_refused_reload(
             n = len(plc.records)
             wait_until(lambda n=n: len(plc.records) > n + 5, 20, f"frames decided after {name}")
         config.write_bytes(good)
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     assert d.event("daemon_crashed") is None
     s = summary(tmp_path)
     assert_each_frame_decided_once(s, plc.records)
@@ -238,8 +236,7 @@ def test_bad_images_are_skipped_and_counted_not_fatal(
         wait_until(lambda: len(plc.records) >= 30, 30, "frames from the camera")
         text = metrics_text(port)
         assert 'edge_camera_bad_files_total{camera="cam0"} 1.0' in text, text[-3000:]
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
         assert d.proc.stderr is not None
     s = summary(tmp_path)
     assert s["decided"] >= 30
@@ -292,8 +289,7 @@ def test_plc_outage_is_logged_in_tens_of_lines_not_per_frame(
             os.killpg(plc.proc.pid, signal.SIGCONT)
         n = len(plc.records)
         wait_until(lambda: len(plc.records) > n + 30, 30, "frames after the outage")
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     s = summary(tmp_path)
     affected = s["deadline_misses"] + sum(s["failsafes"].values())
     assert affected >= 100, s
@@ -334,8 +330,7 @@ def test_hand_edited_manifest_is_refused_by_check_swap_and_reload(
         wait_until(lambda: d.event("reload_rejected") is not None, 30, "reload refused")
         n = len(plc.records)
         wait_until(lambda: len(plc.records) > n + 10, 30, "frames after the refused reload")
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(30) == 0
+        assert stop(d) == 0
     digest = (demo_package / "package.digest").read_text()
     db = tmp_path / "spool" / "spool.db"
     with sqlite3.connect(db) as conn:
