@@ -157,6 +157,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
             [f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
              "save the file as UTF-8"],
         ) from None
+    if _too_deep(text):
+        # Refused before parsing: the parser would recurse into a RecursionError, and a caught
+        # RecursionError can leave CPython 3.11's recursion accounting inconsistent.
+        raise ConfigError(path, [f"YAML nested deeper than {MAX_NESTING} levels"])
     try:
         data = _yaml().load(text)
     except YAMLError as exc:
@@ -170,6 +174,32 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if _depth(data) > MAX_NESTING:
         raise ConfigError(path, [f"YAML nested deeper than {MAX_NESTING} levels"])
     return data
+
+
+def _too_deep(text: str) -> bool:
+    """Flow nesting ([ {) deeper than MAX_NESTING, or block indentation no line config needs:
+    a linear scan, no recursion (quoted text and comments are skipped)."""
+    depth = 0
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        if indent > 4 * MAX_NESTING:
+            return True
+        quote = ""
+        for ch in line:
+            if quote:
+                if ch == quote:
+                    quote = ""
+            elif ch in "'\"":
+                quote = ch
+            elif ch == "#":
+                break
+            elif ch in "[{":
+                depth += 1
+                if depth > MAX_NESTING:
+                    return True
+            elif ch in "]}":
+                depth = max(0, depth - 1)
+    return False
 
 
 def _depth(node: Any, level: int = 0) -> int:

@@ -54,11 +54,17 @@ def _check_cameras(cfg: LineConfig) -> list[str]:
     for i, cam in enumerate(cfg.cameras):
         where = f"cameras[{i}]"
         if isinstance(cam, ReplayCameraSettings):
-            from camera.replay import replay_path_problem
+            # Existence and image files here; whether they decode is the camera's business at
+            # run time (skipped and counted; none decodable = camera down + alarm, and it comes
+            # up once good files appear), like an unplugged camera is not a config error.
+            from camera.replay import list_images
 
-            problem = replay_path_problem(cam.path, cam.grayscale)
-            if problem:
-                problems.append(f"{where}.path: {problem}")
+            if not cam.path.exists():
+                problems.append(f"{where}.path: {cam.path} does not exist")
+            elif cam.path.is_dir() and not list_images(cam.path):
+                problems.append(
+                    f"{where}.path: folder {cam.path} holds no images (png, jpg, bmp, ...)"
+                )
         elif isinstance(cam, GenicamCameraSettings):
             for j, cti in enumerate(cam.cti):
                 if not cti.is_file():

@@ -931,44 +931,49 @@ class Daemon:
             phases[name] = round(now - t, 3)
             t = now
 
+        async def bounded(what: str, aw: Any, limit_s: float = 5.0) -> None:
+            """One step of the stop, never more than `limit_s`: a peer that does not answer a
+            goodbye must not keep the process alive (systemd would SIGKILL it at 20 s)."""
+            try:
+                await asyncio.wait_for(aw, limit_s)
+            except TimeoutError:
+                log.error("shutdown_step_timeout", step=what, limit_s=limit_s)
+            except Exception as exc:
+                log.error("shutdown_step_failed", step=what, error=repr(exc))
+
         if self.control is not None:
-            await self.control.close()
-        await asyncio.gather(
+            await bounded("control socket", self.control.close(), 3.0)
+        await bounded("cameras", asyncio.gather(
             *(loop.run_in_executor(None, w.stop) for w in self.workers.values()),
             return_exceptions=True,
-        )
+        ), 8.0)
         phase("cameras")
         drained = True
         if self.pipeline is not None:
             drained = await self.pipeline.drain()
             await self.pipeline.close()
         phase("drain")
-        await self.supervisor.close()
+        await bounded("tasks", self.supervisor.close(), 3.0)
         if self.forwarder is not None:
             self.forwarder.stop()
         phase("tasks")
         if self.spool is not None:
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(None, self.spool.flush, 10.0)
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(None, self.spool.close, 5.0)
+            await bounded("spool flush", loop.run_in_executor(None, self.spool.flush, 5.0), 6.0)
+            await bounded("spool close", loop.run_in_executor(None, self.spool.close, 3.0), 4.0)
         phase("spool")
         for task in list(self._retiring):
-            with contextlib.suppress(Exception):
-                await task
+            await bounded("retiring model", task, 3.0)
         if self.models is not None:
-            with contextlib.suppress(Exception):
-                await self.models.close()
+            await bounded("candidate models", self.models.close(), 5.0)
         if self.active is not None:
-            with contextlib.suppress(Exception):
-                await self.active.pool.close(0.5)
+            await bounded("active model", self.active.pool.close(0.5), 6.0)
         phase("models")
         if self.plc is not None:
-            await self.plc.close()
+            await bounded("plc link", self.plc.close(), 3.0)
         if self.plc_sim is not None:
-            await loop.run_in_executor(None, self.plc_sim.stop)
+            await bounded("plc simulator", loop.run_in_executor(None, self.plc_sim.stop), 5.0)
         if self.http is not None:
-            await loop.run_in_executor(None, self.http.stop)
+            await bounded("http", loop.run_in_executor(None, self.http.stop), 3.0)
         phase("plc_http")
         self.notifier.close()
         log.info("daemon_stopped", drained=drained, phases_s=phases)

@@ -88,11 +88,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", capture_stderr: bo
     use_json = wants_json(fmt)
     if use_json and capture_stderr:
         _start_capture()
-    out = _capture.out if _capture is not None else sys.stderr
+    out: Any = _capture.out if _capture is not None else _CurrentStderr()
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     numeric = logging.getLevelName(level.upper())
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -116,6 +116,20 @@ def configure_logging(level: str = "info", fmt: str = "auto", capture_stderr: bo
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+class _CurrentStderr:
+    """Whatever `sys.stderr` is at the time of each write (a CLI run inside a test harness
+    swaps it; a logger bound to the old, closed stream would fail every later log call)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def _logger_name_as_field(

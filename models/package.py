@@ -420,6 +420,10 @@ def _strict_json(raw: bytes, where: Path, what: str) -> Any:
             f"{where}: {what} is not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r}); "
             "restore the package from its source"
         ) from None
+    if _nesting(text) > _MAX_NESTING:
+        # Refused before parsing: a RecursionError caught from the C decoder can leave CPython
+        # 3.11's recursion accounting inconsistent ("AST constructor recursion depth mismatch").
+        raise ModelPackageError(f"{where}: {what} is nested too deeply to be a manifest")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except _Refused as e:
@@ -430,6 +434,32 @@ def _strict_json(raw: bytes, where: Path, what: str) -> Any:
         ) from None
     except RecursionError:
         raise ModelPackageError(f"{where}: {what} is nested too deeply to be a manifest") from None
+
+
+_MAX_NESTING = 64
+"""Deeper than any manifest; a deeper document is refused without parsing it."""
+
+
+def _nesting(text: str) -> int:
+    """Deepest [ / { nesting of a JSON text, strings skipped: linear, no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _read_capped(path: Path, limit: int, what: str, missing_hint: str) -> bytes:

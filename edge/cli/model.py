@@ -458,7 +458,7 @@ def _trusted(keys: list[Path] | None, config: Path | None) -> list[Path]:
     if config is not None:
         from edge.cli.common import load_or_exit
 
-        out += list(load_or_exit(config).model.trusted_keys)
+        out += list(load_or_exit(config, deep=False).model.trusted_keys)
     return out
 
 
@@ -581,7 +581,7 @@ def _store(store: Path | None, config: Path | None) -> Any:
     if store is None:
         from edge.cli.common import load_or_exit
 
-        cfg = load_or_exit(config)
+        cfg = load_or_exit(config, deep=False)  # the store's place, not the line's package
         store = default_store_root(cfg.model.store, cfg.uplink.spool_dir)
     return ModelStore(store)
 

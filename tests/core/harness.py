@@ -192,7 +192,11 @@ def stop(d: DaemonProc, timeout_s: float = 30.0) -> int:
     fails the test with what its threads were doing (py-spy) and its last log lines."""
     d.proc.send_signal(signal.SIGTERM)
     try:
-        return d.proc.wait(timeout_s)
+        code = d.proc.wait(timeout_s)
+        d._t.join(10)
+        slow = [x for x in d.lines if x.get("event") == "shutdown_step_timeout"]
+        assert not slow, f"a shutdown step hit its bound: {slow}"
+        return code
     except subprocess.TimeoutExpired:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         dump = subprocess.run([spy, "dump", "--pid", str(d.proc.pid)], capture_output=True,

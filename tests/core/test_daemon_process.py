@@ -207,22 +207,26 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
 
 
 def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None:
-    out = tmp_path / "bench"
-    r = subprocess.run(
-        [*EDGE, "bench", "--rate", "30", "--duration", "3", "--bare-runs", "30", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    report = json.loads((out / "bench.json").read_text())
-    s = report["summary"]
-    assert s["decided"] == s["frames"] > 30
-    assert {"queue", "preprocess", "infer", "postprocess", "plc"} <= set(s["stages_ms"])
-    assert report["bare_session_run_ms"]["n"] == 30
-    assert report["ratio_daemon_infer_to_bare_p50"] > 0
-    assert (out / "bench-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "daemon/bare p50" in r.stdout
+    """`edge bench` runs the daemon (paced and closed loop) beside bare session.run, one run."""
+    for mode in (["--rate", "30"], ["--closed-loop", "--workers", "2"]):
+        out = tmp_path / mode[0].strip("-")
+        r = subprocess.run(
+            [*EDGE, "bench", *mode, "--duration", "4", "--out", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        report = json.loads((out / "bench.json").read_text())
+        s = report["summary"]
+        assert s["decided"] == s["frames"] > 20
+        assert {"queue", "preprocess", "infer", "postprocess", "plc"} <= set(s["stages_ms"])
+        bare = report["bare"]
+        assert bare["one_caller_all_threads"]["runs"] > 0
+        assert bare["one_caller_per_worker"]["callers"] == report["config"]["workers"]
+        assert report["ratios"]["daemon_vs_bare_one_caller_per_worker"] > 0
+        assert (out / "bench-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "ratios: daemon/bare" in r.stdout
+    closed = json.loads((tmp_path / "closed-loop" / "bench.json").read_text())
+    assert closed["config"]["mode"] == "closed_loop" and closed["real_verdicts_per_s"] > 0
 
 
 def test_camera_down_raises_plc_alarm_and_recovery_clears_it(

@@ -261,7 +261,7 @@ def test_plc_triggered_parts_on_s7_and_opcua(
             raw = s7.dump(0, 24)
             return int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[16:20], "big")
 
-        stop = s7.stop
+        stop_peer = s7.stop
     else:
         ua = OpcUaPeer(port, slots=1)
         plc_cfg = {"type": "opcua", "endpoint": f"opc.tcp://127.0.0.1:{port}"}
@@ -276,7 +276,7 @@ def test_plc_triggered_parts_on_s7_and_opcua(
         def got() -> tuple[int, int]:
             return ua.get("Camera0.PartId"), ua.get("Camera0.Sequence")
 
-        stop = ua.stop
+        stop_peer = ua.stop
     try:
         hold_sequence(5000)
         config = line_yaml(tmp_path, port, demo_package, cameras=[PLC_CAMERA], plc=plc_cfg)
@@ -287,7 +287,7 @@ def test_plc_triggered_parts_on_s7_and_opcua(
                 wait_until(lambda k=k: got() == (7000 + k, 5001 + k), 5, f"record {k}")
             assert stop(d) == 0
     finally:
-        stop()
+        stop_peer()
 
 
 def test_unknown_write_later_confirmed_updates_its_event(
