@@ -31,6 +31,7 @@ from camera.frame import Frame
 from camera.worker import CameraWorker
 from edge.config import ConfigError, LineConfig, load_config
 from edge.control import ControlError, ControlServer
+from edge.cpulatency import CpuLatencyHint
 from edge.decision import DecisionSettings
 from edge.http import ObservabilityServer
 from edge.inference import ProcessWorker, ThreadWorker, Worker
@@ -38,7 +39,7 @@ from edge.lifecycle import ModelManager
 from edge.logs import configure_logging
 from edge.metrics import Metrics, Sample, SnapshotCollector
 from edge.operator import OperatorView
-from edge.pipeline import DecidedPart, Pipeline
+from edge.pipeline import Pipeline
 from edge.plcinputs import PlcInputWatcher
 from edge.plcqueue import DeadlineOrderedLink
 from edge.pool import CANDIDATE_NICE, InferencePool, PoolModel
@@ -47,12 +48,18 @@ from edge.stats import RunStats
 from edge.supervisor import Supervisor
 from edge.systemd import Notifier
 from models.config import ModelSettings
-from models.drift import DRIFT_METRICS, CameraDrift, DriftWatch, load_package_baseline
+from models.drift import (
+    DRIFT_METRICS,
+    CameraDrift,
+    DriftWatch,
+    FrameStats,
+    load_package_baseline,
+)
 from models.loader import load_detector
 from models.package import ModelPackage, verify_package
 from plc.config import ModbusSettings
 from plc.factory import create_link, simulated_settings
-from plc.record import Alarm, Verdict, WriteOutcome
+from plc.record import Alarm, WriteOutcome
 from plc.sim import ModbusPlcSimulator
 from uplink.forwarder import Forwarder
 from uplink.spool import Spool
@@ -133,6 +140,7 @@ class Daemon:
         self.inputs: PlcInputWatcher | None = None
         self.models: ModelManager | None = None
         self.view: OperatorView | None = None
+        self.cpu_latency = CpuLatencyHint(config.pipeline.cpu_latency_us)
         self.drift: DriftWatch | None = None
         self.drift_state: dict[str, CameraDrift] = {}
         """Cached by the housekeeping task; read by /healthz, /metrics and the alarm word."""
@@ -211,6 +219,7 @@ class Daemon:
         cfg = self.config
         loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(line=cfg.line)  # on every log line (ELK/Loki)
+        self.cpu_latency.start()
         for name in ["plc", "model", "verdicts", "spool", *(f"camera:{c.id}" for c in cfg.cameras)]:
             self.components[name] = ComponentState()
 
@@ -274,8 +283,7 @@ class Daemon:
                 await loop.run_in_executor(None, load_package_baseline, settings.package),
                 score_floor=settings.conf_threshold,
             )
-            self.pipeline.collect_stats = True
-            self.pipeline.observers.append(self._drift_observe)
+            self.pipeline.stats_sink = self._drift_observe
 
         if cfg.observability.enabled:
             obs = cfg.observability
@@ -432,10 +440,10 @@ class Daemon:
             recipe = self.recipes.for_part()
         self.pipeline.submit(frame, recipe)
 
-    def _drift_observe(self, part: DecidedPart) -> None:
-        if self.drift is not None and part.stats is not None and part.decision is not None:
-            self.drift.observe(part.frame.camera_id, part.stats, part.verdict is Verdict.DEFECT)
-            self._drift_observed[part.frame.camera_id] += 1
+    def _drift_observe(self, camera: str, stats: FrameStats, defect: bool) -> None:
+        if self.drift is not None:
+            self.drift.observe(camera, stats, defect)
+            self._drift_observed[camera] += 1
 
     def _trigger_lost_from_thread(self, camera_id: str, part_id: int, reason: str) -> None:
         loop, inputs = self._loop, self.inputs
@@ -976,6 +984,7 @@ class Daemon:
             await bounded("http", loop.run_in_executor(None, self.http.stop), 3.0)
         phase("plc_http")
         self.notifier.close()
+        self.cpu_latency.stop()
         log.info("daemon_stopped", drained=drained, phases_s=phases)
         return drained
 

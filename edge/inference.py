@@ -36,8 +36,10 @@ from edge.logs import configure_logging
 from edge.shm import SlotPool, SlotReader, SlotRef
 from models.config import ModelSettings
 from models.drift import FrameStats, frame_stats
+from models.imagestats import downscaled_gray
 from models.loader import load_detector
-from models.types import Detector, ModelError, ModelInfo
+from models.types import Detection, Detector, ModelError, ModelInfo
+from plc.record import Verdict
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +53,9 @@ class BatchOutput:
     compute_ns: int
     """Wall time of the whole batch inside the worker: the service time admission control
     learns from (never the time a respawn or a full pipe took)."""
-    stats: list[FrameStats] | None = None
-    """Per frame, the drift watch's statistics (when asked for)."""
+    stats_later: list[tuple[str, np.ndarray, list[Detection], bool]] | None = None
+    """What the drift statistics are computed from AFTER the verdicts went back (camera,
+    downscaled gray copy, detections, defect); never pickled (see `drift_stats`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +108,11 @@ def run_batch(
             raise ModelError(f"no decision rules for recipe {it.recipe}")
         decisions.append(_without_masks(recipe_rules.decide(dets, it.image.shape, it.camera_id)))
     t4 = time.perf_counter_ns()
-    frame_stats_ = (
-        [frame_stats(it.image, dets) for it, dets in zip(items, detections, strict=True)]
+    later = (
+        [
+            (it.camera_id, downscaled_gray(it.image), dets, d.verdict is Verdict.DEFECT)
+            for it, dets, d in zip(items, detections, decisions, strict=True)
+        ]
         if stats
         else None
     )
@@ -119,8 +125,19 @@ def run_batch(
             "decide": (t4 - t3) / _MS,
         },
         t4 - t0,
-        frame_stats_,
+        later,
     )
+
+
+StatsItem = tuple[str, FrameStats, bool]
+"""(camera id, the frame's drift statistics, whether the part was called DEFECT)."""
+
+
+def drift_stats(out: BatchOutput) -> list[StatsItem]:
+    """The drift statistics of a batch whose verdicts already went back: off the critical path
+    (the gray copies were taken before the frame's memory was handed back)."""
+    later, out.stats_later = out.stats_later, None
+    return [(cam, frame_stats(gray, dets), defect) for cam, gray, dets, defect in later or ()]
 
 
 class Worker(Protocol):
@@ -129,6 +146,8 @@ class Worker(Protocol):
     name: str
     inflight: int
     """Batches sent and not yet answered."""
+    on_stats: Callable[[list[StatsItem]], None]
+    """Receives each batch's drift statistics, after its verdicts."""
 
     @property
     def pid(self) -> int | None: ...
@@ -203,9 +222,15 @@ def _child_main(
                 ]
                 out = run_batch(detector, rules, items, masks, stats)
                 del items
+                later, out.stats_later = out.stats_later, None
                 conn.send(("ok", batch_id, out))
             except Exception as exc:  # one bad batch is one set of fail-safes, not a dead worker
                 conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))
+                continue
+            if later:
+                out.stats_later = later
+                with contextlib.suppress(Exception):  # statistics never cost a verdict
+                    conn.send(("stats", None, drift_stats(out)))
     finally:
         detector.close()
         reader.close()
@@ -244,6 +269,8 @@ class ProcessWorker:
         self._dead = False
         self._ready = False
         self._kill_reason = ""
+        self.on_stats: Callable[[list[StatsItem]], None] = lambda _items: None
+        """Where a batch's drift statistics go, after its verdicts (the pool sets it)."""
 
     @property
     def pid(self) -> int | None:
@@ -313,17 +340,23 @@ class ProcessWorker:
         return fut
 
     def _readable(self) -> None:
+        """One message per call: the loop polls the pipe (level-triggered) and calls again while
+        more is waiting. No Connection.poll() here: it builds a selector per call (~30 µs, twice
+        per batch on the critical path)."""
         conn = self._conn
         if conn is None:
             return
         try:
-            while conn.poll():
-                kind, batch_id, payload = conn.recv()
-                self._answer(kind, batch_id, payload)
+            kind, batch_id, payload = conn.recv()
         except (EOFError, OSError):
             self._exited()
+            return
+        self._answer(kind, batch_id, payload)
 
     def _answer(self, kind: str, batch_id: int | None, payload: Any) -> None:
+        if kind == "stats":
+            self.on_stats(payload)
+            return
         if batch_id is None:  # the load result
             ready = self._ready_fut
             if ready is not None and not ready.done():
@@ -447,6 +480,7 @@ class ThreadWorker:
         self._on_death = on_death
         self._detector: Detector | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self.on_stats: Callable[[list[StatsItem]], None] = lambda _items: None
         self._closed = threading.Event()
 
     @property
@@ -481,8 +515,10 @@ class ThreadWorker:
             self._pool, run_batch, det, self.rules, list(items), masks, stats
         )
 
-        def done(_f: asyncio.Future[BatchOutput]) -> None:
+        def done(f: asyncio.Future[BatchOutput]) -> None:
             self.inflight -= 1
+            if not f.cancelled() and f.exception() is None and f.result().stats_later:
+                self.on_stats(drift_stats(f.result()))
 
         fut.add_done_callback(done)
         return fut

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from camera.frame import Frame
 from edge.decision import Decision
-from edge.inference import BatchItem, BatchOutput
+from edge.inference import BatchItem, BatchOutput, StatsItem
 from edge.logs import Aggregator
 from edge.metrics import Metrics
 from edge.plcqueue import DeadlineOrderedLink
@@ -90,6 +90,9 @@ class PipelineSettings(BaseModel):
     competes with the deadline timers for the GIL) or in threads of the daemon."""
     masks: bool = True
     """Decode per-instance masks (area inside the ROI, outlines in events)."""
+    cpu_latency_us: int | None = Field(default=0, ge=0, le=1_000_000)
+    """PM QoS limit on CPU wake-up latency while the daemon runs (edge/cpulatency.py): waking
+    an idle core cost ~0.2 ms per process hop, ~0.8 ms per part at 60 fps. None: leave it."""
 
     def model_post_init(self, _context: object) -> None:
         if self.failsafe_reserve_ms >= self.budget_ms:
@@ -124,11 +127,13 @@ class DecidedPart:
     model_id: str
     e2e_ms: float | None
     """Capture to PLC acknowledgement, None when the write missed its deadline."""
-    stats: FrameStats | None = None
-    """The frame's drift statistics (when the pipeline collects them)."""
     canary: bool = False
     event_id: str | None = None
 
+
+StatsSink = Callable[[str, FrameStats, bool], None]
+"""(camera, frame statistics, DEFECT) for every frame the active model inferred; O(1), on the
+loop."""
 
 Observer = Callable[[DecidedPart], None]
 """Called on the loop for every decided part; must be O(1) and never block or raise."""
@@ -153,7 +158,6 @@ class Job:
     guard: asyncio.TimerHandle | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
     decision: Decision | None = None
-    stats: FrameStats | None = None
     canary: bool = False
     """Decided by the canary model (a sample of parts while a candidate is being tried)."""
     event_id: str | None = None
@@ -209,12 +213,14 @@ class Pipeline:
         the link's read-back settles them (bounded: the link keeps one per slot)."""
         self.canary: tuple[InferencePool, PoolModel] | None = None
         self.canary_fraction = 0.0
-        self.collect_stats = False
-        """Ask the workers for each frame's drift statistics (the drift watch sets it)."""
+        self.stats_sink: StatsSink | None = None
+        """The drift watch: frame statistics of the active model's batches, after their
+        verdicts (computed by the workers off the critical path)."""
         self._miss_log = Aggregator("deadline_miss")
         self._failsafe_log = Aggregator("failsafe", level="info")
         if pool is not None:
             pool.on_capacity = self._dispatch
+            pool.on_stats = self._stats
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -251,6 +257,7 @@ class Pipeline:
         old = self.pool
         self.pool, self.model = pool, model
         pool.on_capacity = self._dispatch
+        pool.on_stats = self._stats
         if old is not None and old is not pool:
             old.on_capacity = lambda: None
         self._dispatch()
@@ -427,16 +434,23 @@ class Pipeline:
             for job in batch:
                 job.state = JobState.INFERRING
                 job.canary = canary
+                job.stages_ms["handoff"] = (job.received_ns - job.frame.captured_ns) / _MS
                 job.stages_ms["queue"] = (start - job.received_ns) / _MS
             fut = pool.submit(
                 [BatchItem(j.frame.image, j.frame.camera_id, j.recipe) for j in batch],
                 self.settings.masks,
-                self.collect_stats,
+                self.stats_sink is not None and not canary,
             )
             fut.add_done_callback(
-                lambda f, jobs=batch, m=model: self._batch_done(f, jobs, m)  # type: ignore[misc]
+                lambda f, jobs=batch, m=model, t=start: self._batch_done(f, jobs, m, t)  # type: ignore[misc]
             )
         self.metrics.queue_depth.set(len(self._queue))
+
+    def _stats(self, items: list[StatsItem]) -> None:
+        sink = self.stats_sink
+        if sink is not None:
+            for camera, stats, defect in items:
+                sink(camera, stats, defect)
 
     def _route(self, job: Job) -> tuple[InferencePool, PoolModel]:
         canary, pool, model = self.canary, self.pool, self.model
@@ -464,7 +478,7 @@ class Pipeline:
         return canary[0]
 
     def _batch_done(
-        self, fut: asyncio.Future[BatchOutput], batch: list[Job], model: PoolModel
+        self, fut: asyncio.Future[BatchOutput], batch: list[Job], model: PoolModel, sent_ns: int
     ) -> None:
         self._inferring -= len(batch)
         if fut.cancelled() or fut.exception() is not None:
@@ -474,10 +488,11 @@ class Pipeline:
             return
         out = fut.result()
         self.metrics.batch_size.observe(len(batch))
-        for i, (job, decision) in enumerate(zip(batch, out.decisions, strict=True)):
+        ipc_ms = max(0.0, (self._clock_ns() - sent_ns - out.compute_ns) / _MS)
+        for job, decision in zip(batch, out.decisions, strict=True):
             job.stages_ms.update(out.stages_ms)
+            job.stages_ms["ipc"] = ipc_ms
             job.decision = decision
-            job.stats = out.stats[i] if out.stats else None
             if job.claimed:
                 self.metrics.late_results.labels(job.frame.camera_id).inc()
                 self.stats.late_results += 1
@@ -630,7 +645,6 @@ class Pipeline:
                 job.frame, verdict, reason_name, job.decision, job.recipe,
                 model.model_id if model else "none",
                 job.stages_ms.get("total"),
-                job.stats,
                 job.canary,
                 job.event_id,
             )

@@ -64,6 +64,8 @@ class DeadlineOrderedLink:
         self._task: asyncio.Task[None] | None = None
         self._last_seq: dict[int, int] = {}
         self._resync = True
+        self._busy = False
+        """A request is running (inline in its caller, or in serve())."""
         self.up: bool | None = None
         """None until the first request; then whether the last request reached the PLC."""
         self.on_state = on_state or (lambda _up, _detail: None)
@@ -185,15 +187,38 @@ class DeadlineOrderedLink:
     _LATE = WriteResult(WriteOutcome.DROPPED_LATE, detail="deadline passed while queued")
 
     async def _submit(self, deadline_ns: int, call: _Call, late: Any = _LATE) -> Any:
+        if not self._busy and not self._heap:
+            # Nothing waits and nothing runs: this request is the earliest deadline by
+            # definition, so run it in the caller's task (no queue hop, no loop round trip).
+            if self._clock_ns() >= deadline_ns:
+                return late
+            self._busy = True
+            try:
+                return await self._run(call, late)
+            finally:
+                self._busy = False
+                if self._heap:
+                    self._wake.set()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (deadline_ns, next(self._order), call, fut, late))
         self._wake.set()
         return await fut
 
+    async def _run(self, call: _Call, late: Any) -> Any:
+        try:
+            return await call()
+        except Exception as exc:
+            log.error("plc_request_raised", error=repr(exc))
+            return (
+                WriteResult(WriteOutcome.FAILED, detail=repr(exc))
+                if isinstance(late, WriteResult)
+                else None
+            )
+
     async def serve(self) -> None:
         """The queue's server loop: one request at a time, earliest deadline first."""
         while True:
-            while not self._heap:
+            while not self._heap or self._busy:
                 self._wake.clear()
                 await self._wake.wait()
             deadline_ns, _, call, fut, late = heapq.heappop(self._heap)
@@ -202,15 +227,11 @@ class DeadlineOrderedLink:
             if self._clock_ns() >= deadline_ns:
                 fut.set_result(late)
                 continue
+            self._busy = True
             try:
-                result = await call()
-            except Exception as exc:
-                log.error("plc_request_raised", error=repr(exc))
-                result = (
-                    WriteResult(WriteOutcome.FAILED, detail=repr(exc))
-                    if isinstance(late, WriteResult)
-                    else None
-                )
+                result = await self._run(call, late)
+            finally:
+                self._busy = False
             if not fut.done():
                 fut.set_result(result)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from edge.inference import BatchItem, BatchOutput, Worker
+from edge.inference import BatchItem, BatchOutput, StatsItem, Worker
 from models.types import ModelError, ModelInfo
 
 log = structlog.get_logger(__name__)
@@ -91,6 +91,8 @@ class InferencePool:
         self.error_threshold = error_threshold
         self.load_timeout_s = load_timeout_s
         self.on_capacity = on_capacity or (lambda: None)
+        self.on_stats: Callable[[list[StatsItem]], None] = lambda _items: None
+        """Drift statistics of finished batches (set by the pipeline)."""
         self._clock_ns = clock_ns
         self.workers: list[Worker | None] = [None] * workers
         self.info: ModelInfo | None = None
@@ -131,6 +133,7 @@ class InferencePool:
     async def _start_one(self, index: int) -> ModelInfo:
         name = f"{self.name}-{index}"
         worker = self._factory(name, self._worker_died, self.nice)
+        worker.on_stats = lambda items: self.on_stats(items)
         self.workers[index] = worker
         try:
             info = await worker.start(self.load_timeout_s)

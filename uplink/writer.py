@@ -33,7 +33,14 @@ import structlog
 from uplink import quota
 from uplink.config import UplinkSettings
 from uplink.event import PartEvent, new_event_id
-from uplink.images import ImageNote, fsync_dir, image_file_name, object_key, write_atomic
+from uplink.images import (
+    ImageNote,
+    background_priority,
+    fsync_dir,
+    image_file_name,
+    object_key,
+    write_atomic,
+)
 from uplink.store import Store, is_corruption
 
 log = structlog.get_logger(__name__)
@@ -179,6 +186,7 @@ class Writer:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        background_priority()
         batch: list[Item] = []
         backoff = self.settings.backoff_initial_s
         attempts = 0
