@@ -314,7 +314,9 @@ def bench_command(
     """Run the real pipeline, bare session.run and (optionally) the naive loop; report ratios."""
     from edge.cpulatency import CpuLatencyHint
     from edge.logs import configure_logging
+    from edge.malloc import limit_arenas
 
+    limit_arenas()  # as `edge run` does
     base = load_config(config or DEMO_CONFIG)
     configure_logging("warning", "console")
     out.mkdir(parents=True, exist_ok=True)

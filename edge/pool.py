@@ -42,8 +42,10 @@ _ESTIMATE_WINDOW_S = 10.0
 _ESTIMATE_SAMPLES = 64
 _RESPAWN_MIN_S = 0.25
 _RESPAWN_MAX_S = 30.0
-_HEALTHY_RESET_S = 60.0
-"""A worker that served this long resets the respawn backoff."""
+_HEALTHY_RESET_S = 10.0
+"""A worker that decided batches and lived this long was not crash-looping: its death resets the
+respawn backoff (60 s here let a hang and a kill a minute apart double it each time: 8 s
+without real verdicts after the sixth fault of a soak)."""
 _BREAKER_MIN_S = 1.0
 _BREAKER_MAX_S = 30.0
 RESTART_WINDOW_S = 300.0
@@ -103,6 +105,8 @@ class InferencePool:
         self._batch_ids = 0
         self._backoff_s = [_RESPAWN_MIN_S] * workers
         self._started_ns = [0] * workers
+        self._served = [False] * workers
+        """The worker in this slot finished a batch since it started."""
         self._respawn_handles: dict[int, asyncio.Handle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.restarts: collections.deque[float] = collections.deque(maxlen=1000)
@@ -143,6 +147,7 @@ class InferencePool:
             self._schedule_respawn(index)
             raise
         self._started_ns[index] = self._clock_ns()
+        self._served[index] = False
         self.on_capacity()
         return info
 
@@ -159,7 +164,7 @@ class InferencePool:
         if self._closing or index in self._respawn_handles:
             return
         served_s = (self._clock_ns() - self._started_ns[index]) / 1e9
-        if self._started_ns[index] and served_s > _HEALTHY_RESET_S:
+        if self._served[index] and served_s > _HEALTHY_RESET_S:
             self._backoff_s[index] = _RESPAWN_MIN_S
         delay = self._backoff_s[index]
         self._backoff_s[index] = min(delay * 2, _RESPAWN_MAX_S)
@@ -310,6 +315,8 @@ class InferencePool:
                 self._batch_failed(str(exc) if exc else "cancelled")
             else:
                 out = f.result()
+                if self.workers[index] is worker:
+                    self._served[index] = True
                 self._samples.append((self._clock_ns(), out.compute_ns / max(n, 1)))
                 self._batch_ok()
             self.on_capacity()

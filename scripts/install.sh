@@ -38,6 +38,12 @@ fi
 [ -f /etc/edge/edge.env ] || install -m 0600 -o root -g root /dev/null /etc/edge/edge.env
 "$prefix/venv/bin/edge" config check /etc/edge/line.yaml || echo "fix the config before starting"
 
+# The daemon's PM QoS request (pipeline.cpu_latency_us) needs write access to this device.
+cat > /etc/udev/rules.d/60-edge-cpu-latency.rules <<'RULE'
+KERNEL=="cpu_dma_latency", GROUP="edge", MODE="0660"
+RULE
+if [ -c /dev/cpu_dma_latency ]; then chgrp edge /dev/cpu_dma_latency && chmod 0660 /dev/cpu_dma_latency; fi
+
 sed "s#/opt/edge#$prefix#g" "$here/systemd/edge.service" > /etc/systemd/system/edge.service
 systemctl daemon-reload
 systemctl enable edge.service

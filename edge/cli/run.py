@@ -46,8 +46,10 @@ def run(
     from edge.config import DEMO_CONFIG
     from edge.daemon import install_early_signal_handlers, run_daemon
     from edge.logs import configure_logging, under_systemd
+    from edge.malloc import limit_arenas
 
     install_early_signal_handlers()
+    limit_arenas()  # before any thread starts
     path = config or DEMO_CONFIG
     cfg = load_or_exit(path)
     configure_logging(cfg.logging.level, cfg.logging.format, capture_stderr=True)

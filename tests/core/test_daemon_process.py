@@ -173,6 +173,8 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "RestartPreventExitStatus=2",
+        "DeviceAllow=/dev/cpu_dma_latency w",
+        "LimitNICE=+0",
     ):
         assert directive in unit
 

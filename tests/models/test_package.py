@@ -260,3 +260,31 @@ def test_copy_of_package_elsewhere_still_loads(demo_package: Path, tmp_path: Pat
     dst = tmp_path / "moved" / "pkg"
     shutil.copytree(demo_package, dst)
     assert load_package(dst).root == dst.resolve()
+
+
+def test_an_unchanged_package_opens_onnxruntime_once(
+    package_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGHUP re-verifies the package: the same digest (same bytes) must not open a second
+    session in the daemon (each left native heap behind); a changed package is checked again."""
+    import models.package as mp
+
+    opened: list[Path] = []
+    real = mp._check_onnx_model
+
+    def counting(manifest: Manifest, model_path: Path) -> None:
+        opened.append(model_path)
+        real(manifest, model_path)
+
+    monkeypatch.setattr(mp, "_check_onnx_model", counting)
+    monkeypatch.setattr(mp, "_ONNX_CHECKED", mp.OrderedDict())
+    for _ in range(3):
+        load_package(package_copy)
+    assert len(opened) == 1
+    m = _manifest(package_copy)
+    m["classes"] = [*m["classes"], "extra_class"]  # a new digest: checked, and refused
+    _write_manifest(package_copy, m)
+    for _ in range(2):
+        with pytest.raises(ModelPackageError, match="classes"):
+            load_package(package_copy)
+    assert len(opened) == 3
