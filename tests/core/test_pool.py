@@ -44,13 +44,13 @@ async def respawn_delays(*, serve: bool, lived_s: float, deaths: int) -> list[fl
     for _ in range(deaths):
         _, worker, on_death = spawned[-1]
         await asyncio.wait_for(ready.wait(), 10)  # the pool saw this worker start
-        ready.clear()
         assert worker.ready
         if serve:
             await pool.submit([BatchItem(np.zeros((48, 64), np.uint8), "cam0")], masks=False)
         clock.ns += int(lived_s * 1e9)
         died_at = loop.time()
         started.clear()
+        ready.clear()  # from here only the respawned worker's start sets it
         on_death(worker, "killed (test)")
         await asyncio.wait_for(started.wait(), 10)
         delays.append(spawned[-1][0] - died_at)
