@@ -430,12 +430,6 @@ class GenicamSource:
         s = self._s
         return s.nodes if s else None
 
-    @property
-    def acquirer(self) -> ImageAcquirer | None:
-        """The live ImageAcquirer (diagnostics and fault-injection tests)."""
-        s = self._s
-        return s.ia if s else None
-
     def destroy_acquirer(self) -> None:
         """Destroy the acquirer *between* fetches, as a producer rescan or a lost device would;
         the next read raises CameraError. For fault-injection tests and diagnostics."""

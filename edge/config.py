@@ -78,9 +78,9 @@ class LineConfig(BaseModel):
     plc_inputs: PlcInputSettings = Field(default_factory=PlcInputSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    """Gates of `edge model promote` and of the canary's automatic rollback."""
     drift: DriftSettings = Field(default_factory=DriftSettings)
     """Drift watch: live frame and model statistics against a baseline, per camera."""
-    """Gates of `edge model promote` and of the canary's automatic rollback."""
     state_dir: Path | None = None
     """Where the daemon keeps what it must remember across restarts (selected recipe, control
     socket, model store state); None: `state` beside the spool directory."""

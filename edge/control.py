@@ -34,7 +34,8 @@ class ControlSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     socket: Path | None = None
-    """Unix socket path; None: `<state_dir>/control.sock` (on a line: /run/edge/control.sock)."""
+    """Unix socket path; None: `<state_dir>/control.sock` (/var/lib/edge/state/control.sock
+    with configs/line.example.yaml)."""
     group: str | None = None
     """Group that may use the socket (mode 0660); None: the daemon's own group."""
 

@@ -69,6 +69,8 @@ log = structlog.get_logger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 HEARTBEAT_FLOOR_MS = 50.0
+_LIVE_SECTIONS = frozenset({"model", "decision", "status", "logging"})
+"""Config sections a SIGHUP applies live; a change anywhere else is logged as needing a restart."""
 """The shortest heartbeat period honoured: a status write must fit in it with room for records
 (a 10 ms period starved the heartbeat for seconds under load)."""
 
@@ -841,9 +843,10 @@ class Daemon:
         """SIGHUP: re-read the YAML off the loop; apply what is safe live, refuse the rest.
 
         Live: decision rules, model package (started beside the running one, swapped between
-        batches), log level, status thresholds. Cameras, PLC, uplink and pipeline sizing need a
-        restart: a change there is logged and ignored. Any failure refuses the reload and keeps
-        the running config (never a crash, never a lost frame).
+        batches), log level, status thresholds. Every other section (cameras, PLC, uplink,
+        pipeline, recipes, drift, ...) needs a restart: a change there is logged and ignored.
+        Any failure refuses the reload and keeps the running config (never a crash, never a
+        lost frame).
         """
         if self.config_path is None:
             log.warning("reload_ignored", reason="running on embedded defaults, no file to re-read")
@@ -860,8 +863,8 @@ class Daemon:
         old = self.config
         restart_needed = [
             name
-            for name in ("line", "cameras", "plc", "uplink", "pipeline", "observability")
-            if getattr(new, name) != getattr(old, name)
+            for name in type(new).model_fields
+            if name not in _LIVE_SECTIONS and getattr(new, name) != getattr(old, name)
         ]
         if restart_needed:
             log.warning("reload_needs_restart", sections=restart_needed, applied="no (restart)")

@@ -89,13 +89,6 @@ class LatencyHistogram:
         x = np.clip(_MID[nz], self._min, self._max)
         return x, frac
 
-    def merge(self, other: LatencyHistogram) -> None:
-        self._counts += other._counts
-        self._n += other._n
-        self._sum += other._sum
-        self._max = max(self._max, other._max)
-        self._min = min(self._min, other._min)
-
 
 def percentiles(samples: list[float] | np.ndarray) -> dict[str, float]:
     """Exact percentiles of a bounded sample list (bench-side timings, never the daemon's run)."""

@@ -54,8 +54,10 @@ class ModelSettings(BaseModel):
     None leaves it alone."""
     max_batch: int = Field(default=1, ge=1, le=64)
     conf_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Candidate score floor for decoding (ultralytics' ``conf``). None: the package's
-    ``runtime_hints.conf_threshold``, else min(0.25, the package's lowest decision threshold)."""
+    """Candidate score floor for decoding (ultralytics' ``conf``). None: the daemon uses the
+    lowest decision threshold of its rules (every recipe's: a candidate below it cannot change a
+    verdict, so its mask is never paid for); a runtime used alone (bench, replay) uses the
+    package's ``runtime_hints.conf_threshold``, else min(0.25, its lowest decision threshold)."""
     iou_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
     """Class-aware NMS IoU (ultralytics' ``iou``, default 0.7)."""
     max_det: int = Field(default=300, ge=1, le=10000)

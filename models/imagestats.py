@@ -141,10 +141,6 @@ class Histogram:
     def mean(self) -> float | None:
         return self.total / self.n if self.n else None
 
-    def shares(self) -> list[float]:
-        n = self.n
-        return [c / n for c in self.counts] if n else [0.0] * len(self.counts)
-
     def as_json(self) -> dict[str, Any]:
         mean = self.mean
         return {

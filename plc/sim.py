@@ -312,10 +312,6 @@ class ModbusPlcSimulator:
         al = self.map.decode_u16(self.read_registers(s.alarm_register, 1)[0])
         return hb, Alarm(al)
 
-    def announce_part_id(self, camera_index: int, part_id: int) -> None:
-        """What a PLC does before triggering a camera: publish the part id it expects."""
-        self.write_registers(self.map.part_id_address(camera_index), self.map.encode_u32(part_id))
-
     def trigger_part(self, camera_index: int, part_id: int) -> int:
         """Announce `part_id`, THEN increment the camera's trigger counter (the documented
         order); returns the new counter value."""

@@ -26,13 +26,14 @@ from rich.progress import (
 from rich.table import Table
 
 app = typer.Typer(
-    help="Train, evaluate, gate, export and package YOLOv8-seg models.", no_args_is_help=True
+    help=(
+        "Models: train, evaluate, gate, export, package and sign them; keep them in the store; "
+        "activate, canary, shadow, promote and roll back on the running line."
+    ),
+    no_args_is_help=True,
 )
 console = Console(stderr=True, soft_wrap=True)
 """soft_wrap: messages carry paths and digests that must stay whole (and greppable) in logs."""
-
-DEFAULT_CRITERIA = {"min_precision": 0.97, "min_recall": 0.95}
-
 
 @app.callback()
 def _logs_to_stderr() -> None:

@@ -198,10 +198,13 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
         wait_until(lambda: d.event("reload_rejected") is not None, 30, "reload_rejected")
         n = len(plc.records)
         wait_until(lambda: len(plc.records) > n + 10, 30, "decisions after the bad reload")
-        config.write_text(text.replace("fps: 30", "fps: 20"))
+        # 3. Sections that only a restart applies: named, not silently dropped.
+        config.write_text(text.replace("fps: 30", "fps: 20") + "drift: {window_frames: 400}\n")
         d.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: d.event("reload_needs_restart") is not None, 30, "restart warning")
-        assert d.event("reload_needs_restart")["sections"] == ["cameras"]  # type: ignore[index]
+        assert d.event("reload_needs_restart")["sections"] == [  # type: ignore[index]
+            "cameras", "drift"
+        ]
         assert d.proc.poll() is None
         assert stop(d) == 0
     s = json.loads((tmp_path / "summary.json").read_text())
