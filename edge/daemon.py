@@ -29,6 +29,7 @@ import structlog
 from camera.config import TriggeredMode
 from camera.frame import Frame
 from camera.worker import CameraWorker
+from edge import malloc
 from edge.config import ConfigError, LineConfig, load_config
 from edge.control import ControlError, ControlServer
 from edge.cpulatency import CpuLatencyHint
@@ -69,6 +70,7 @@ log = structlog.get_logger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 HEARTBEAT_FLOOR_MS = 50.0
+HEAP_TRIM_PERIOD_S = 60.0
 _LIVE_SECTIONS = frozenset({"model", "decision", "status", "logging"})
 """Config sections a SIGHUP applies live; a change anywhere else is logged as needing a restart."""
 """The shortest heartbeat period honoured: a status write must fit in it with room for records
@@ -574,7 +576,15 @@ class Daemon:
             ticks += 1
             if ticks % max(1, int(5 / period)) == 0:
                 self.notifier.status(self._status_text())
+            if ticks % max(1, int(HEAP_TRIM_PERIOD_S / period)) == 0:
+                await self._trim_heap()
             await asyncio.sleep(period)
+
+    async def _trim_heap(self) -> None:
+        """Free heap back to the OS off the loop (edge/malloc.py: why)."""
+        t = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(None, malloc.trim)
+        log.debug("heap_trimmed", ms=round((time.perf_counter() - t) * 1000, 2))
 
     def _check_model(self) -> None:
         p, active = self.pipeline, self.active
