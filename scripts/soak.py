@@ -441,8 +441,10 @@ class Soak:
         return run
 
     def schedule(self) -> list[Callable[[], FaultRun]]:
-        return [self.fault_worker_hang, self.fault_sighup, self.fault_worker_kill,
-                self.fault_broker_pause, self.fault_plc_restart, self.fault_s3_down]
+        every = [self.fault_worker_hang, self.fault_sighup, self.fault_worker_kill,
+                 self.fault_broker_pause, self.fault_plc_restart, self.fault_s3_down]
+        only = self.args.faults
+        return [f for f in every if f.__name__.removeprefix("fault_") in only] if only else every
 
     def run(self) -> None:
         end = self.t0 + self.args.duration
@@ -598,6 +600,9 @@ def main() -> int:
     ap.add_argument("--max-rss-slope", type=float, default=1.0, help="MB/min allowed after warm-up")
     ap.add_argument("--max-recovery-s", type=float, default=2.0)
     ap.add_argument("--no-faults", action="store_true", help="a quiet run (a baseline)")
+    ap.add_argument("--faults", type=lambda v: v.split(","), default=None,
+                    help="only these faults, comma-separated (worker_hang, sighup, worker_kill, "
+                         "broker_pause, plc_restart, s3_down): to isolate one")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="edge-soak-"))

@@ -1,9 +1,16 @@
 """Issue 9's proof, the CI version: a 3-minute soak of the demo line at 60 fps with every fault
 injected twice (worker frozen and killed, PLC killed, broker paused, S3 down past the spool
-quota, SIGHUP with a bad then a good config). scripts/soak.py asserts memory flat after the first
-fault cycle, every frame one decision (the PLC simulator's own log), real verdicts back within
-2 s of each fault and every decided part's event in Kafka (read back by kcat); the README's
-figures come from the same script run for 30 minutes."""
+quota, SIGHUP with a bad then a good config). scripts/soak.py asserts every frame one decision
+(the log of the Modbus server process), real verdicts back within 2 s of each fault, every
+decided part's event in Kafka (read back by kcat), and the daemon's RSS slope after the first
+fault cycle.
+
+Three minutes cannot tell a leak from the heap's warm-up: with a fault every 5 s, each new peak
+(queues filled while the broker or S3 is down, garbage awaiting the cycle collector) raises the
+high-water mark, and that takes about ten minutes to level off (1-3 MB/min here before it does).
+So the CI bound is 4 MB/min: it catches a real leak of the size this soak found (onnxruntime
+sessions left behind at each SIGHUP: 5.9 MB/min), and the 30-minute run (README) asserts
+< 1 MB/min."""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ def test_three_minute_soak_with_faults(tmp_path: Path) -> None:
     out = tmp_path / "soak"
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", "180", "--warmup", "15",
-         "--gap", "5", "--outage-s", "5", "--max-rss-slope", "1.0", "--out", str(out)],
+         "--gap", "5", "--outage-s", "5", "--max-rss-slope", "4.0", "--out", str(out)],
         capture_output=True, text=True, timeout=840,
     )
     report = json.loads((out / "soak.json").read_text()) if (out / "soak.json").exists() else {}
