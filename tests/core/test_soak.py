@@ -7,10 +7,12 @@ fault cycle.
 
 Three minutes cannot tell a leak from the heap's warm-up: with a fault every 5 s, each new peak
 (queues filled while the broker or S3 is down, garbage awaiting the cycle collector) raises the
-high-water mark, and that takes about ten minutes to level off (1-3 MB/min here before it does).
-So the CI bound is 4 MB/min: it catches a real leak of the size this soak found (onnxruntime
-sessions left behind at each SIGHUP: 5.9 MB/min), and the 30-minute run (README) asserts
-< 1 MB/min."""
+high-water mark, and that takes about ten minutes to level off: 2-5 MB/min in these three
+minutes, on a quiet box and inside this loaded suite alike. So this run bounds the slope at
+8 MB/min, a gross-leak guard (the glibc arena growth this soak first found was 11 MB/min); the
+30-minute run (README) asserts < 1 MB/min, and each leak the soak found has its own regression
+test (tests/core/test_malloc.py and
+tests/models/test_package.py::test_an_unchanged_package_opens_onnxruntime_once)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def test_three_minute_soak_with_faults(tmp_path: Path) -> None:
     out = tmp_path / "soak"
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", "180", "--warmup", "15",
-         "--gap", "5", "--outage-s", "5", "--max-rss-slope", "4.0", "--out", str(out)],
+         "--gap", "5", "--outage-s", "5", "--max-rss-slope", "8.0", "--out", str(out)],
         capture_output=True, text=True, timeout=840,
     )
     report = json.loads((out / "soak.json").read_text()) if (out / "soak.json").exists() else {}
