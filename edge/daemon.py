@@ -70,11 +70,11 @@ log = structlog.get_logger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 HEARTBEAT_FLOOR_MS = 50.0
+"""The shortest heartbeat period honoured: a status write must fit in it with room for records
+(a 10 ms period starved the heartbeat for seconds under load)."""
 HEAP_TRIM_PERIOD_S = 60.0
 _LIVE_SECTIONS = frozenset({"model", "decision", "status", "logging"})
 """Config sections a SIGHUP applies live; a change anywhere else is logged as needing a restart."""
-"""The shortest heartbeat period honoured: a status write must fit in it with room for records
-(a 10 ms period starved the heartbeat for seconds under load)."""
 
 _early_signals: list[str] = []
 
