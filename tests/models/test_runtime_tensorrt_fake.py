@@ -3,15 +3,16 @@
 These are in addition to (never instead of) the ``gpu`` tests in test_runtime_tensorrt.py,
 which need real hardware. The fakes implement the slice of the TensorRT >= 8.5 / pycuda API the
 runtime uses (named I/O tensors, execute_async_v3, page-locked buffers, a stream, the INT8
-calibrator protocol); the "engine" runs the package's ONNX with ONNX Runtime, and "device
-memory" is host memory addressed by integer handles. What this checks: engine build and cache
+calibrator protocol; tests/models/gpu_check_data/fake_gpu, shared with the gpu_check.sh
+rehearsal); the "engine" runs the package's ONNX with ONNX Runtime, and "device memory" is host
+memory addressed by integer handles. What this checks: engine build and cache
 identity, buffer sizing, batching and chunking, dtype handling, context push/pop balance, the
 calibrator protocol and cache, and that results equal the ONNX Runtime detector's.
 """
 
 from __future__ import annotations
 
-import itertools
+import importlib.util
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -26,301 +27,36 @@ from models.loader import load_detector
 from models.types import ModelError
 
 ImageFactory = Callable[..., list[np.ndarray]]
-_MAGIC = b"FAKEPLAN"
-
-
-class _FakeCuda:
-    """Just enough of pycuda.driver."""
-
-    class Error(Exception):
-        pass
-
-    def __init__(self) -> None:
-        self.memory: dict[int, bytearray] = {}
-        self._next = itertools.count(0x1000, 0x1000)
-        self.context_depth = 0
-        self.copies = 0
-
-    def init(self) -> None:
-        pass
-
-    def make_device(self) -> Any:
-        cuda = self
-
-        class Ctx:
-            def push(self) -> None:
-                cuda.context_depth += 1
-
-            def pop(self) -> None:
-                assert cuda.context_depth > 0, "pop without push"
-                cuda.context_depth -= 1
-
-            def detach(self) -> None:
-                pass
-
-        class Device:
-            def __init__(self, i: int) -> None:
-                assert i == 0
-
-            @staticmethod
-            def count() -> int:
-                return 1
-
-            def name(self) -> str:
-                return "Fake GPU T4"
-
-            def compute_capability(self) -> tuple[int, int]:
-                return (7, 5)
-
-            def retain_primary_context(self) -> Ctx:
-                return Ctx()
-
-        return Device
-
-    def mem_alloc(self, nbytes: int) -> Any:
-        addr = next(self._next)
-        self.memory[addr] = bytearray(int(nbytes))
-        cuda = self
-
-        class DevMem:
-            def __int__(self) -> int:
-                return addr
-
-            def free(self) -> None:
-                cuda.memory.pop(addr, None)
-
-        return DevMem()
-
-    def _check_context(self) -> None:
-        if self.context_depth < 1:
-            raise self.Error("no current CUDA context")
-
-    def memcpy_htod(self, dev: Any, arr: np.ndarray) -> None:
-        self._check_context()
-        buf = np.ascontiguousarray(arr).tobytes()
-        self.memory[int(dev)][: len(buf)] = buf
-        self.copies += 1
-
-    def memcpy_htod_async(self, dev: Any, arr: np.ndarray, stream: Any) -> None:
-        self.memcpy_htod(dev, arr)
-
-    def memcpy_dtoh_async(self, arr: np.ndarray, dev: Any, stream: Any) -> None:
-        self._check_context()
-        raw = self.memory[int(dev)]
-        arr.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(raw[: arr.nbytes]), np.uint8)
-
-    @staticmethod
-    def pagelocked_empty(shape: Any, dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype)
-
-    class Stream:
-        handle = 42
-
-        def synchronize(self) -> None:
-            pass
-
-
-def _fake_trt(cuda: _FakeCuda, strongly_typed: bool) -> types.ModuleType:
-    import onnxruntime as ort
-
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "11.0.0-fake" if strongly_typed else "10.3.0-fake"  # type: ignore[attr-defined]
-    trt.built = []  # type: ignore[attr-defined]
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level: int) -> None:
-            pass
-
-    class BuilderFlag:
-        pass
-
-    if not strongly_typed:
-        BuilderFlag.FP16 = "fp16"  # type: ignore[attr-defined]
-        BuilderFlag.INT8 = "int8"  # type: ignore[attr-defined]
-
-    class MemoryPoolType:
-        WORKSPACE = "ws"
-
-    class TensorIOMode:
-        INPUT = "in"
-        OUTPUT = "out"
-
-    class NetworkDefinitionCreationFlag:
-        EXPLICIT_BATCH = 0
-
-    class IInt8EntropyCalibrator2:
-        def __init__(self) -> None:
-            pass
-
-    class Tensor:
-        def __init__(self, name: str, shape: list[Any]) -> None:
-            self.name = name
-            self.shape = [d if isinstance(d, int) else -1 for d in shape]
-
-    class Network:
-        def __init__(self) -> None:
-            self.onnx: bytes = b""
-
-        def get_input(self, i: int) -> Tensor:
-            s = ort.InferenceSession(self.onnx, providers=["CPUExecutionProvider"])
-            inp = s.get_inputs()[i]
-            return Tensor(inp.name, inp.shape)
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network: Network, logger: Logger) -> None:
-            self.network = network
-
-        def parse_from_file(self, path: str) -> bool:
-            self.network.onnx = Path(path).read_bytes()
-            return True
-
-        def get_error(self, i: int) -> str:
-            return ""
-
-    class Config:
-        def __init__(self) -> None:
-            self.flags: set[str] = set()
-            self.int8_calibrator: Any = None
-            self.profiles: list[Any] = []
-
-        def set_memory_pool_limit(self, pool: str, size: int) -> None:
-            assert size > 0
-
-        def set_flag(self, flag: str) -> None:
-            self.flags.add(flag)
-
-        def add_optimization_profile(self, p: Any) -> None:
-            self.profiles.append(p)
-
-    class Builder:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def create_network(self, flags: int) -> Network:
-            return Network()
-
-        def create_builder_config(self) -> Config:
-            return Config()
-
-        def create_optimization_profile(self) -> Any:
-            return types.SimpleNamespace(set_shape=lambda *a: None)
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
-            cal = config.int8_calibrator
-            # The calibrator protocol as TensorRT drives it.
-            if cal is not None and cal.read_calibration_cache() is None:
-                n = 0
-                while cal.get_batch(["images"]) is not None:
-                    n += 1
-                assert n > 0, "calibrator produced no batch"
-                cal.write_calibration_cache(b"calibration-table")
-            trt.built.append(sorted(config.flags))
-            return _MAGIC + network.onnx
-
-    class Context:
-        in_shape: tuple[int, ...] | None = None
-
-        def __init__(self, engine: Engine) -> None:
-            self.engine = engine
-            self.addr: dict[str, int] = {}
-
-        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-            self.in_shape = tuple(shape)
-            return True
-
-        def set_tensor_address(self, name: str, addr: int) -> None:
-            assert addr in cuda.memory
-            self.addr[name] = addr
-
-        def execute_async_v3(self, stream: int) -> bool:
-            cuda._check_context()
-            e = self.engine
-            shape = self.in_shape or tuple(e.shapes[e.input])
-            raw = cuda.memory[self.addr[e.input]]
-            n = int(np.prod(shape))
-            x = np.frombuffer(bytes(raw[: n * 4]), np.float32).reshape(shape)
-            outs = e.session.run(e.outputs, {e.input: x})
-            for name, o in zip(e.outputs, outs, strict=True):
-                buf = np.ascontiguousarray(o, np.float32).tobytes()
-                cuda.memory[self.addr[name]][: len(buf)] = buf
-            return True
-
-    class Engine:
-        def __init__(self, onnx: bytes) -> None:
-            self.session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-            self.input = self.session.get_inputs()[0].name
-            self.outputs = [o.name for o in self.session.get_outputs()]
-            self.shapes = {
-                t.name: [d if isinstance(d, int) else -1 for d in t.shape]
-                for t in [*self.session.get_inputs(), *self.session.get_outputs()]
-            }
-            self.names = [self.input, *self.outputs]
-            self.num_io_tensors = len(self.names)
-
-        def get_tensor_name(self, i: int) -> str:
-            return self.names[i]
-
-        def get_tensor_mode(self, name: str) -> str:
-            return TensorIOMode.INPUT if name == self.input else TensorIOMode.OUTPUT
-
-        def get_tensor_shape(self, name: str) -> list[int]:
-            return self.shapes[name]
-
-        def get_tensor_dtype(self, name: str) -> str:
-            return "float32"
-
-        def create_execution_context(self) -> Context:
-            return Context(self)
-
-    class Runtime:
-        def __init__(self, logger: Logger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, plan: bytes) -> Engine | None:
-            return Engine(plan[len(_MAGIC) :]) if plan.startswith(_MAGIC) else None
-
-    for obj in (
-        Logger,
-        BuilderFlag,
-        MemoryPoolType,
-        TensorIOMode,
-        NetworkDefinitionCreationFlag,
-        IInt8EntropyCalibrator2,
-        OnnxParser,
-        Builder,
-        Runtime,
-    ):
-        setattr(trt, obj.__name__, obj)
-    trt.nptype = lambda dt: np.float32  # type: ignore[attr-defined]
-    return trt
+FAKE_GPU = Path(__file__).parent / "gpu_check_data" / "fake_gpu"
+"""The same stand-ins that rehearse scripts/gpu_check.sh, loaded fresh for every test."""
+
+
+def _load(name: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _CudaView:
+    def __init__(self, driver: types.ModuleType) -> None:
+        self._driver = driver
+
+    @property
+    def context_depth(self) -> int:
+        depth: int = self._driver.context_depth()
+        return depth
 
 
 @pytest.fixture(params=["trt10", "trt11"])
 def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    cuda = _FakeCuda()
-    driver = types.ModuleType("pycuda.driver")
-    for name in (
-        "init",
-        "mem_alloc",
-        "memcpy_htod",
-        "memcpy_htod_async",
-        "memcpy_dtoh_async",
-        "pagelocked_empty",
-    ):
-        setattr(driver, name, getattr(cuda, name))
-    driver.Error = cuda.Error  # type: ignore[attr-defined]
-    driver.Stream = cuda.Stream  # type: ignore[attr-defined]
-    driver.Device = cuda.make_device()  # type: ignore[attr-defined]
-    pycuda = types.ModuleType("pycuda")
+    monkeypatch.setenv("FAKE_TENSORRT_MAJOR", "11" if request.param == "trt11" else "10")
+    pycuda = _load("pycuda", FAKE_GPU / "pycuda" / "__init__.py", monkeypatch)
+    driver = _load("pycuda.driver", FAKE_GPU / "pycuda" / "driver.py", monkeypatch)
     pycuda.driver = driver  # type: ignore[attr-defined]
-    trt = _fake_trt(cuda, strongly_typed=request.param == "trt11")
-    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    trt = _load("tensorrt", FAKE_GPU / "tensorrt" / "__init__.py", monkeypatch)
     if request.param == "trt11":
         # TensorRT 11 has no FP16 flag: the ONNX is converted first. Stand in for
         # onnxconverter-common with an identity conversion (the converter is not a test dep).
@@ -329,7 +65,7 @@ def fake_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
             convert_float_to_float16=lambda model, keep_io_types: model
         )
         monkeypatch.setitem(sys.modules, "onnxconverter_common", fc)
-    yield types.SimpleNamespace(cuda=cuda, trt=trt, kind=request.param)
+    yield types.SimpleNamespace(cuda=_CudaView(driver), trt=trt, kind=request.param)
 
 
 def _settings(pkg: Path, tmp: Path, **trt: Any) -> ModelSettings:
@@ -395,7 +131,7 @@ def test_fake_int8_uses_calibration_images_then_cache(
         calibration_cache=cache,
     )
     load_detector(s).close()
-    assert cache.read_bytes() == b"calibration-table"
+    assert cache.read_bytes() == b"fake calibration over 4 batches"  # one per image
     assert fake_gpu.trt.built == [["fp16", "int8"]]
     # With the cache present and a new engine dir, the images are not needed any more.
     s2 = _settings(

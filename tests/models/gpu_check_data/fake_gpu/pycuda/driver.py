@@ -1,7 +1,8 @@
 """Stand-in for pycuda.driver: "device memory" is host memory addressed by integer handles.
 
-Only for rehearsing scripts/gpu_check.sh end to end on a CPU box (tests/models/
-test_gpu_check_script.py); the runtime's own fake-GPU unit tests are in test_runtime_tensorrt_fake.
+Used to rehearse scripts/gpu_check.sh end to end on a CPU box (tests/models/
+test_gpu_check_script.py) and, loaded fresh per test, by the runtime's fake-GPU unit tests
+(tests/models/test_runtime_tensorrt_fake.py, which read `context_depth()`).
 """
 
 from __future__ import annotations
@@ -76,13 +77,18 @@ def mem_alloc(nbytes: int) -> _DevMem:
     return _DevMem(nbytes)
 
 
-def _need_context() -> None:
+def context_depth() -> int:
+    """Contexts pushed and not popped (0 after every balanced use)."""
+    return _depth[0]
+
+
+def need_context() -> None:
     if _depth[0] < 1:
         raise Error("no current CUDA context")
 
 
 def memcpy_htod(dev: Any, arr: np.ndarray) -> None:
-    _need_context()
+    need_context()
     buf = np.ascontiguousarray(arr).tobytes()
     memory[int(dev)][: len(buf)] = buf
 
@@ -92,7 +98,7 @@ def memcpy_htod_async(dev: Any, arr: np.ndarray, stream: Any) -> None:
 
 
 def memcpy_dtoh_async(arr: np.ndarray, dev: Any, stream: Any) -> None:
-    _need_context()
+    need_context()
     raw = memory[int(dev)]
     arr.reshape(-1).view(np.uint8)[:] = np.frombuffer(bytes(raw[: arr.nbytes]), np.uint8)
 

@@ -1,13 +1,17 @@
-"""Stand-in for TensorRT 10 on a CPU box: an "engine" is the ONNX file run by ONNX Runtime.
+"""Stand-in for TensorRT 10 (or 11: FAKE_TENSORRT_MAJOR=11) on a CPU box: an "engine" is the
+ONNX file run by ONNX Runtime.
 
 Implements the slice of the API models/tensorrt_runtime.py uses (builder, ONNX parser, INT8
-calibrator protocol, named I/O tensors, execute_async_v3), so scripts/gpu_check.sh can be
-rehearsed end to end: engine builds, compares, and `edge bench` with runtime: tensorrt in the
-daemon's worker processes. It proves the orchestration, not TensorRT.
+calibrator protocol, named I/O tensors, execute_async_v3). Two users: scripts/gpu_check.sh
+rehearsed end to end (engine builds, compares, and `edge bench` with runtime: tensorrt in the
+daemon's worker processes; tests/models/test_gpu_check_script.py), and the runtime's unit tests
+in-process (tests/models/test_runtime_tensorrt_fake.py, which reads `built`). It proves the
+orchestration, not TensorRT.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +19,11 @@ import numpy as np
 import onnxruntime as ort
 import pycuda.driver as _cuda
 
-__version__ = "10.99.0-fake"
+_MAJOR = int(os.environ.get("FAKE_TENSORRT_MAJOR", "10"))
+__version__ = f"{_MAJOR}.99.0-fake"
 _MAGIC = b"FAKEPLAN"
+built: list[list[str]] = []
+"""The builder flags of every engine built, in order."""
 
 
 class Logger:
@@ -27,8 +34,12 @@ class Logger:
 
 
 class BuilderFlag:
-    FP16 = "fp16"
-    INT8 = "int8"
+    pass
+
+
+if _MAJOR < 11:  # TensorRT 11 is strongly typed: no precision flags
+    BuilderFlag.FP16 = "fp16"  # type: ignore[attr-defined]
+    BuilderFlag.INT8 = "int8"  # type: ignore[attr-defined]
 
 
 class MemoryPoolType:
@@ -88,7 +99,8 @@ class _Config:
         self.int8_calibrator: Any = None
 
     def set_memory_pool_limit(self, pool: str, size: int) -> None:
-        pass
+        if size <= 0:
+            raise ValueError(f"memory pool limit {size}")
 
     def set_flag(self, flag: str) -> None:
         self.flags.add(flag)
@@ -116,6 +128,7 @@ class Builder:
             if n == 0:
                 return None  # type: ignore[return-value]
             cal.write_calibration_cache(f"fake calibration over {n} batches".encode())
+        built.append(sorted(config.flags))
         return _MAGIC + network.onnx
 
 
@@ -158,9 +171,12 @@ class _Context:
         return True
 
     def set_tensor_address(self, name: str, addr: int) -> None:
+        if addr not in _cuda.memory:
+            raise _cuda.Error(f"{name}: {addr:#x} is not device memory")
         self.addr[name] = addr
 
     def execute_async_v3(self, stream: int) -> bool:
+        _cuda.need_context()
         e = self.engine
         shape = self.in_shape or tuple(e.shapes[e.input])
         n = int(np.prod(shape))
