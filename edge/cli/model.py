@@ -35,6 +35,7 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 """soft_wrap: messages carry paths and digests that must stay whole (and greppable) in logs."""
 
+
 @app.callback()
 def _logs_to_stderr() -> None:
     """Runtime logs (detector loaded, ...) go to stderr: stdout is kept for --json output."""
@@ -127,13 +128,94 @@ def convert_magnetic_tile(
     console.print(f"wrote {out / 'data.yaml'}")
 
 
+@app.command("import-data")
+def import_data(
+    src: Annotated[
+        Path, typer.Argument(help="COCO JSON, CVAT XML, a YOLO folder or class folders of masks.")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the YOLO-seg set (a new folder).")],
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="coco|yolo|cvat|masks (default: detected).")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Named settings: magnetic-tile.")] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="a,b,c: class order/subset (YOLO: names of ids 0,1,..).")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="COCO/CVAT: image folder (default: images/ beside).")
+    ] = None,
+    class_map: Annotated[
+        str | None, typer.Option(help="masks: FOLDER=class,...; FOLDER= is defect-free.")
+    ] = None,
+    images_subdir: Annotated[str | None, typer.Option(help="masks: e.g. Imgs.")] = None,
+    masks_subdir: Annotated[str | None, typer.Option(help="masks: masks folder.")] = None,
+    mask_suffix: Annotated[str | None, typer.Option(help="masks: e.g. _mask.")] = None,
+    mask_threshold: Annotated[
+        int | None, typer.Option(help="masks: pixels above this are the region (127).")
+    ] = None,
+    group_regex: Annotated[
+        str | None, typer.Option(help="Group key: 1st capture group over the relative path.")
+    ] = None,
+    group_gap: Annotated[
+        int | None, typer.Option(help="Cluster numeric keys: new group when the gap exceeds N.")
+    ] = None,
+    group_csv: Annotated[
+        Path | None, typer.Option(help="Group key from a CSV with a 'file' column.")
+    ] = None,
+    group_column: Annotated[str | None, typer.Option(help="CSV column (group).")] = None,
+    stratify: Annotated[str | None, typer.Option(help="class (default)|defect|none.")] = None,
+    fractions: Annotated[str | None, typer.Option(help="train,val,test (0.7,0.15,0.15).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the group split (0).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print import-report.json.")] = False,
+) -> None:
+    """Import labelled images as a YOLO-seg set, split by group; see models/README.md."""
+    from models.datasets.importer import import_data as run_import
+    from models.datasets.importer import options_from_args, report_text
+
+    try:
+        opts = options_from_args(
+            preset,
+            format=fmt,
+            classes=classes,
+            images_dir=images,
+            class_map=class_map,
+            images_subdir=images_subdir,
+            masks_subdir=masks_subdir,
+            mask_suffix=mask_suffix,
+            mask_threshold=mask_threshold,
+            group_regex=group_regex,
+            group_gap=group_gap,
+            group_csv=group_csv,
+            group_column=group_column,
+            stratify=stratify,
+            fractions=fractions,
+            seed=seed,
+        )
+        with _bars() as bar:
+            done = run_import(src, out, opts, progress=bar)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from e
+    if as_json:
+        typer.echo(json.dumps(done.report, indent=2))
+    console.print(report_text(done.report), markup=False, highlight=False)
+    console.print(f"wrote {out / 'data.yaml'}, split.json, import-report.json", markup=False)
+
+
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="data.yaml (or its directory).")],
+    data: Annotated[
+        Path | None, typer.Option(help="data.yaml (or its directory); not with --resume.")
+    ] = None,
     scale: Annotated[str, typer.Option(help="Network width: p (demo), n (yolov8n-seg), s.")] = "p",
-    epochs: Annotated[int, typer.Option(help="Epochs (design default 50).")] = 50,
+    epochs: Annotated[
+        int, typer.Option(help="Epochs (design default 50; the cap with --hours).")
+    ] = 50,
     hours: Annotated[
-        float | None, typer.Option(help="Wall-clock cap in hours; refits the epoch count.")
+        float | None,
+        typer.Option(
+            help="Wall-clock budget in hours: the epoch count is fixed once, after two measured "
+            "epochs, and the LR schedule and mosaic close then keep to it."
+        ),
     ] = None,
     batch: Annotated[int, typer.Option(help="Batch size (design default 64).")] = 64,
     lr0: Annotated[
@@ -141,13 +223,27 @@ def train(
     ] = 0.00232,
     imgsz: Annotated[int, typer.Option(help="Training image size (multiple of 32).")] = 256,
     weights: Annotated[
-        Path | None, typer.Option(help="Start from this .pt instead of from scratch.")
+        Path | None,
+        typer.Option(
+            help="Start from your own pretrained ultralytics segmentation .pt (transfer "
+            "learning; another class count is fine: the head is rebuilt)."
+        ),
     ] = None,
     project: Annotated[Path, typer.Option(help="Runs directory.")] = Path("var/runs"),
     name: Annotated[str, typer.Option(help="Run name (a folder under --project).")] = "train",
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    workers: Annotated[int, typer.Option(help="Data loader workers.")] = 2,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Data loader workers (default: 0 on CPU, where ultralytics uses 0; 2 on GPU)."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch/OpenMP threads (default: OMP_NUM_THREADS, else all usable cores)."
+        ),
+    ] = None,
     close_mosaic: Annotated[int, typer.Option(help="Turn mosaic off for the last N epochs.")] = 10,
     warmup_epochs: Annotated[float, typer.Option(help="Learning-rate warm-up epochs.")] = 3.0,
     val: Annotated[
@@ -156,13 +252,28 @@ def train(
     device: Annotated[
         str, typer.Option(help="Torch device: cpu, or a CUDA index such as 0 (GPU training).")
     ] = "cpu",
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue an interrupted run (RUN_DIR or its weights/last.pt) with its recorded "
+            "recipe and epoch plan; other options are ignored except --threads."
+        ),
+    ] = None,
 ) -> None:
-    """Train a YOLOv8-seg model from scratch (or from --weights) on a data set."""
+    """Train a YOLOv8-seg model from scratch (or from --weights) on a data set.
+
+    Everything that shaped the run goes to RUN_DIR/recipe.json; one `train.epoch` log line per
+    epoch reaches stderr as it goes. Ctrl-C leaves a resumable run (--resume RUN_DIR).
+    """
     from pydantic import ValidationError
 
     from models.training.recipe import TrainRecipe
+    from models.training.train import TrainSetupError
+    from models.training.train import resume as run_resume
     from models.training.train import train as run_train
 
+    if data is None and resume is None:
+        raise _fail("give --data DATA.yaml (or --resume RUN_DIR to continue a run)")
     fields = {
         "data": data,
         "scale": scale,
@@ -182,26 +293,48 @@ def train(
         "val": val,
         "device": device,
     }
+    recipe = None
+    if resume is None:
+        try:
+            recipe = TrainRecipe.model_validate(fields)
+        except ValidationError as e:
+            raise _fail(f"bad training options:\n{e}") from e
+    run_dir = resume if resume is not None else (project / name).resolve()
+
+    def run(on_epoch: Callable[[int, int, dict[str, float]], None] | None) -> Any:
+        if recipe is None:
+            assert resume is not None
+            return run_resume(resume, on_epoch, threads=threads)
+        return run_train(recipe, on_epoch)
+
     try:
-        recipe = TrainRecipe.model_validate(fields)
-    except ValidationError as e:
-        raise _fail(f"bad training options:\n{e}") from e
-    with _progress() as prog:
-        task = prog.add_task("train", total=epochs)
+        if console.is_terminal:
+            with _progress() as prog:
+                task = prog.add_task("train", total=epochs)
 
-        def on_epoch(done: int, planned: int, metrics: dict[str, float]) -> None:
-            m50 = metrics.get("metrics/mAP50(B)")
-            loss = metrics.get("train/loss")
-            desc = (
-                f"train box mAP50 {m50:.3f}"
-                if m50 is not None
-                else f"train loss {loss:.3f}"
-                if loss is not None
-                else "train"
-            )
-            prog.update(task, completed=done, total=max(planned, done), description=desc)
+                def on_epoch(done: int, planned: int, metrics: dict[str, float]) -> None:
+                    m50 = metrics.get("metrics/mAP50(B)")
+                    loss = metrics.get("train/loss")
+                    desc = (
+                        f"train box mAP50 {m50:.3f}"
+                        if m50 is not None
+                        else f"train loss {loss:.3f}"
+                        if loss is not None
+                        else "train"
+                    )
+                    prog.update(task, completed=done, total=max(planned, done), description=desc)
 
-        result = run_train(recipe, on_epoch)
+                result = run(on_epoch)
+        else:
+            # A log file or a pipe: a bar would only render when training ends; the train.epoch
+            # log lines carry the progress instead.
+            result = run(None)
+    except TrainSetupError as e:
+        raise _fail(str(e)) from e
+    except KeyboardInterrupt as e:
+        raise _fail(
+            f"interrupted; continue with `edge model train --resume {run_dir}`", code=130
+        ) from e
     console.print(f"best: {result.best}  epochs: {result.epochs_done}  wall: {result.wall_s:.0f} s")
 
 
@@ -222,6 +355,35 @@ def export(
     console.print(f"wrote {path}")
 
 
+MinOkOpt = Annotated[
+    int,
+    typer.Option(
+        "--min-ok",
+        "--min-ok-images",
+        min=1,
+        help="OK images a split needs: below it image precision (and specificity, AUROC) is "
+        "reported as not measurable, the gate refuses on test and no threshold is chosen on it.",
+    ),
+]
+MinDefectsOpt = Annotated[
+    int,
+    typer.Option(
+        "--min-defects",
+        "--min-defect-images",
+        min=1,
+        help="Defect images a split needs: below it image recall is not measurable (as --min-ok).",
+    ),
+]
+AllowRecallOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-recall-only",
+        help="When the choice split has too few OK images, take the highest threshold that "
+        "reaches the recall target instead of refusing (marked 'recall-only' in the report).",
+    ),
+]
+
+
 def _criteria(min_precision: float, min_recall: float, min_defects: int, min_ok: int) -> Any:
     from models.training.gate import GateCriteria
 
@@ -233,35 +395,85 @@ def _criteria(min_precision: float, min_recall: float, min_defects: int, min_ok:
     )
 
 
-def _print_report(report: Any) -> None:
-    t = Table(title="detection (ultralytics val on the ONNX file)")
-    for col in ("split", "box mAP50", "box mAP50-95", "mask mAP50", "mask mAP50-95"):
+def _print_report(report: Any, path: Path | None = None) -> None:
+    """What was measured on how many images, per-class AP, the image-level numbers at the chosen
+    threshold ("not measurable" with the count where a split cannot give one), warnings, gate."""
+    from models.training.report import precision_cell, recall_cell
+
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    t = Table(title="evaluated images; detection by ultralytics val on the ONNX file")
+    for col in ("split", "images", "defect", "OK", "instances", "box mAP50", "box mAP50-95"):
         t.add_column(col)
-    for split, m in report.detection.items():
+    t.add_column("mask mAP50")
+    t.add_column("mask mAP50-95")
+    for split in report.images:
+        c, m = report.counts(split), report.detection.get(split, {})
         t.add_row(
             split,
-            *(f"{m[k]:.4f}" for k in ("box_map50", "box_map50_95", "mask_map50", "mask_map50_95")),
+            *(str(c[k]) for k in ("images", "defect_images", "ok_images")),
+            "n/a" if c["instances"] is None else str(c["instances"]),
+            *(f(m.get(k)) for k in ("box_map50", "box_map50_95", "mask_map50", "mask_map50_95")),
         )
-    if report.detection:
-        console.print(t)
-    if report.operating_point:
-        op, tp = report.operating_point, report.test_point
+    console.print(t)
+    for split, per in report.per_class.items():
+        pc = Table(title=f"per class on {split}")
+        for col in ("class", "images", "instances", "box AP50", "box AP50-95", "mask AP50"):
+            pc.add_column(col)
+        pc.add_column("mask AP50-95")
+        absent = [name for name, r in per.items() if not r.get("instances")]
+        for name, r in per.items():
+            aps = [r.get(k) for k in ("box_ap50", "box_ap50_95", "mask_ap50", "mask_ap50_95")]
+            pc.add_row(
+                name,
+                str(r["images"]),
+                str(r["instances"]),
+                *(["-"] * 4 if name in absent else [f(v) for v in aps]),
+            )
+        console.print(pc)
+        if absent:
+            console.print(f"no instances in {split} (AP undefined, not 0): {', '.join(absent)}")
+    op = report.operating_point
+    if op:
+        how = "recall-only fallback" if op.get("basis") == "recall-only" else "best precision"
         console.print(
-            f"operating point (chosen on {op['split']}, recall target {op['recall_target']}): "
-            f"threshold {op['threshold']:.4f}  precision {op['precision']:.4f}  "
-            f"recall {op['recall']:.4f}"
+            f"operating point: threshold {op['threshold']:.4f}, chosen on {op['split']} for "
+            f"recall target {op['recall_target']} ({how}"
+            + ("" if op.get("met", True) else "; target NOT reached")
+            + ")"
         )
-        console.print(
-            f"on {tp['split']}: precision {tp['precision']:.4f}  recall {tp['recall']:.4f}  "
-            f"(tp {tp['tp']} fp {tp['fp']} fn {tp['fn']} tn {tp['tn']})"
-        )
+        it = Table(title=f"image level OK/DEFECT at threshold {op['threshold']:.4f}")
+        for col in ("split", "precision", "recall", "AUROC"):
+            it.add_column(col)
+        for split in report.images:
+            p, auc = report.image_point(split), report.auroc(split)
+            if p is None:  # a split without images
+                continue
+            it.add_row(
+                split,
+                precision_cell(p),
+                recall_cell(p),
+                "not measurable" if auc is None else f"{auc:.3f}",
+            )
+        console.print(it)
+    for w in report.warnings():
+        console.print(f"[yellow]warning:[/yellow] {w}")
     if report.gate:
         g = report.gate
         console.print(
-            "[green]gate: PASSED[/green]"
+            f"[green]gate on {(report.test_point or {}).get('split', 'test')}: PASSED[/green]"
             if g["passed"]
             else "[red]gate: REFUSED[/red] " + "; ".join(g["reasons"])
         )
+    if path is not None:
+        for name in _plot_files(report.plots):
+            console.print(f"wrote {path.with_name(name)}")
+
+
+def _plot_files(plots: dict[str, Any]) -> list[str]:
+    out = [plots["image_confusion"]] if plots.get("image_confusion") else []
+    return out + list((plots.get("detection_confusion") or {}).values())
 
 
 @app.command()
@@ -276,25 +488,39 @@ def evaluate(
         float, typer.Option(help="Gate: minimum image precision on test.")
     ] = 0.97,
     min_recall: Annotated[float, typer.Option(help="Gate: minimum image recall on test.")] = 0.95,
-    min_defects: Annotated[int, typer.Option(help="Gate: minimum held-out defect images.")] = 20,
-    min_ok: Annotated[int, typer.Option(help="Gate: minimum held-out OK images.")] = 20,
+    min_defects: MinDefectsOpt = 20,
+    min_ok: MinOkOpt = 20,
+    allow_recall_only: AllowRecallOnlyOpt = False,
     floor: Annotated[float, typer.Option(help="Decoder confidence floor during scoring.")] = 0.05,
     no_map: Annotated[bool, typer.Option("--no-map", help="Skip box/mask mAP (faster).")] = False,
     threads: Annotated[int, typer.Option(help="ONNX Runtime threads.")] = 2,
 ) -> None:
-    """mAP (box, mask) + image-level OK/DEFECT scores, operating point on val, gate on test."""
+    """mAP (box, mask, per class) + image-level OK/DEFECT scores, operating point on val, gate
+    on test; writes the report and its confusion matrix PNGs next to it.
+
+    Exit 2 (report still written, without a threshold) when val has too few OK or defect images
+    to choose a threshold on: see `edge model choose-threshold`.
+    """
     from models.training.evaluate import evaluate as run_eval
 
+    criteria = _criteria(min_precision, min_recall, min_defects, min_ok)
     try:
         with _bars() as bar:
             report = run_eval(
                 model, data, floor=floor, with_map=not no_map, threads=threads, progress=bar
             )
-        report.choose(recall_target, _criteria(min_precision, min_recall, min_defects, min_ok))
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from e
+    report.criteria = criteria.model_dump()
+    try:
+        report.choose(recall_target, criteria, allow_recall_only=allow_recall_only)
+    except ValueError as e:
+        # The scores took long to compute: keep them, without a threshold, and say what to do.
+        report.save(out)
+        _print_report(report, out)
+        raise _fail(f"{e}\nscores saved in {out}: re-run `edge model choose-threshold`") from e
     report.save(out)
-    _print_report(report)
+    _print_report(report, out)
     console.print(f"wrote {out}")
 
 
@@ -305,19 +531,22 @@ def choose_threshold(
         float, typer.Option(help="Image-level recall to reach on the split.")
     ] = 0.95,
     split: Annotated[str, typer.Option(help="Split to choose on.")] = "val",
+    allow_recall_only: AllowRecallOnlyOpt = False,
 ) -> None:
-    """Re-choose the score threshold on an existing report (and re-gate with its criteria)."""
-    from models.training.evaluate import EvalReport
-    from models.training.gate import GateCriteria
+    """Re-choose the score threshold on an existing report (and re-gate with its criteria).
 
-    report = EvalReport.load(eval_report)
-    crit = GateCriteria(**report.gate["criteria"]) if report.gate else None
+    Exit 2, report unchanged, when the split has fewer OK or defect images than the criteria's
+    minimums (--min-ok / --min-defects of evaluate or gate), unless --allow-recall-only.
+    """
+    from models.training.evaluate import EvalReport
+
     try:
-        report.choose(recall_target, crit, choose_on=split)
+        report = EvalReport.load(eval_report)
+        report.choose(recall_target, choose_on=split, allow_recall_only=allow_recall_only)
     except ValueError as e:
         raise _fail(str(e)) from e
     report.save(eval_report)
-    _print_report(report)
+    _print_report(report, eval_report)
 
 
 @app.command()
@@ -325,23 +554,25 @@ def gate(
     eval_report: Annotated[Path, typer.Option("--eval", help="Report from `edge model evaluate`.")],
     min_precision: Annotated[float, typer.Option(help="Minimum image precision on test.")] = 0.97,
     min_recall: Annotated[float, typer.Option(help="Minimum image recall on test.")] = 0.95,
-    min_defects: Annotated[int, typer.Option(help="Minimum held-out defect images.")] = 20,
-    min_ok: Annotated[int, typer.Option(help="Minimum held-out OK images.")] = 20,
+    min_defects: MinDefectsOpt = 20,
+    min_ok: MinOkOpt = 20,
 ) -> None:
-    """Judge the model at its chosen threshold; exit 1 when it is refused."""
+    """Judge the model at its chosen threshold; exit 1 when it is refused (a number the test
+    split cannot measure refuses too)."""
     from models.training.evaluate import EvalReport
 
-    report = EvalReport.load(eval_report)
+    try:
+        report = EvalReport.load(eval_report)
+    except ValueError as e:
+        raise _fail(str(e)) from e
     if report.operating_point is None:
         raise _fail("the report has no operating point: run `edge model choose-threshold` first")
-    recall_target = float(report.operating_point["recall_target"])
-    report.choose(
-        recall_target,
-        _criteria(min_precision, min_recall, min_defects, min_ok),
-        choose_on=str(report.operating_point["split"]),
-    )
+    try:
+        report.judge(_criteria(min_precision, min_recall, min_defects, min_ok))
+    except ValueError as e:
+        raise _fail(str(e)) from e
     report.save(eval_report)
-    _print_report(report)
+    _print_report(report, eval_report)
     if not report.gate or not report.gate["passed"]:
         raise typer.Exit(1)
 

@@ -16,6 +16,10 @@ import numpy as np
 from ruamel.yaml import YAML
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
+COPY_SUFFIXES: frozenset[str] = frozenset(
+    {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
+)
+"""Image formats both ultralytics and OpenCV read: imported as the original bytes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +170,8 @@ def load_data_yaml(path: Path) -> dict[str, object]:
         path = path / "data.yaml"
     if not path.exists():
         raise FileNotFoundError(
-            f"{path}: no data.yaml; generate one with `edge model synth` "
-            "or `edge model convert-magnetic-tile`"
+            f"{path}: no data.yaml; import labelled images with `edge model import-data` "
+            "or generate a set with `edge model synth`"
         )
     doc = YAML(typ="safe", pure=True).load(path.read_text())
     if not isinstance(doc, dict) or "names" not in doc:
@@ -191,8 +195,7 @@ def split_images(doc: Mapping[str, object], split: str) -> list[Path]:
     if rel is None:
         raise ValueError(f"data.yaml has no '{split}' split")
     folder = root / str(rel)
-    exts = {".png", ".jpg", ".jpeg", ".bmp"}
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in COPY_SUFFIXES)
 
 
 def label_path_for(image: Path) -> Path:

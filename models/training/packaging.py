@@ -37,12 +37,17 @@ def manifest_metrics(report: EvalReport, split: str = "test") -> dict[str, float
     for k, v in det.items():
         if k not in out:
             out[k] = round(float(v), 4)
-    if report.test_point:
-        out["image_precision"] = round(float(report.test_point["precision"]), 4)
-        out["image_recall"] = round(float(report.test_point["recall"]), 4)
-    if report.operating_point:
-        out["val_image_precision"] = round(float(report.operating_point["precision"]), 4)
-        out["val_image_recall"] = round(float(report.operating_point["recall"]), 4)
+    # Recomputed at the chosen threshold with the report's minimums, and a number the split
+    # cannot measure (too few OK or defect images) is left out: the manifest never shows an
+    # artefact such as precision 1.0 on a set without OK parts (older reports stored those).
+    for prefix, doc in (("", report.test_point), ("val_", report.operating_point)):
+        where = str((doc or {}).get("split", ""))
+        point = report.image_point(where) if doc and where in report.images else None
+        if point is None:
+            continue
+        for k, measured in (("precision", point.precision), ("recall", point.recall)):
+            if measured is not None:
+                out[f"{prefix}image_{k}"] = round(measured, 4)
     return out
 
 

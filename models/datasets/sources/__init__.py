@@ -1,0 +1,1 @@
+"""Readers of labelled-data formats (COCO, YOLO, CVAT XML, mask folders) into one record."""
