@@ -33,7 +33,7 @@ HOLDOUT_SEED=${HOLDOUT_SEED:-2027}
 HOLDOUT_N=${HOLDOUT_N:-500}
 VERSION=${VERSION:-$(date -u +%Y.%m.%d)}
 OUT=${OUT:-models/demo/package}
-EDGE_MODEL=${EDGE_MODEL:-"python -m edge.cli.model"}
+EDGE_MODEL=${EDGE_MODEL:-"python -m edge model"}
 NICE=${NICE:-"nice -n 10"}
 
 mkdir -p "$WORK"

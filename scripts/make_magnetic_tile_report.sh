@@ -20,10 +20,10 @@ LR0=${LR0:-0.00232}
 WARMUP=${WARMUP:-1}
 CLOSE_MOSAIC=${CLOSE_MOSAIC:-5}
 DEVICE=${DEVICE:-cpu}       # a CUDA index (0) trains on the GPU
-EDGE_MODEL=${EDGE_MODEL:-"python -m edge.cli.model"}
+EDGE_MODEL=${EDGE_MODEL:-"python -m edge model"}
 NICE=${NICE:-"nice -n 10"}
 
-$EDGE_MODEL convert-magnetic-tile --src "$SRC" --out "$WORK/data" --seed 0
+$EDGE_MODEL import-data "$SRC" --preset magnetic-tile --out "$WORK/data" --seed 0
 $NICE $EDGE_MODEL train --data "$WORK/data/data.yaml" --scale "$SCALE" --imgsz "$SIZE" \
     --epochs "$EPOCHS" ${HOURS:+--hours "$HOURS"} --batch "$BATCH" --lr0 "$LR0" \
     --warmup-epochs "$WARMUP" --close-mosaic "$CLOSE_MOSAIC" --device "$DEVICE" --no-val \
