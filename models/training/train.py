@@ -17,7 +17,6 @@ and plan.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from typing import Any
 import structlog
 
 from models.datasets.yolo import class_names, load_data_yaml
+from models.package import atomic_write, sha256_file
 from models.training import ultra_env
 from models.training.arch import write_arch_yaml
 from models.training.recipe import TrainRecipe
@@ -176,14 +176,6 @@ class BudgetKeeper:
         return limit is not None and self.elapsed() > limit
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, str | int | float | bool) or value is None:
         return value
@@ -197,9 +189,7 @@ def _jsonable(value: Any) -> Any:
 def _write_record(run_dir: Path, doc: Mapping[str, Any]) -> None:
     """Atomic: a reader (or a resume after a crash) never sees half a file."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RECORD_NAME}.tmp"
-    tmp.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
-    os.replace(tmp, run_dir / RECORD_NAME)
+    atomic_write(run_dir / RECORD_NAME, (json.dumps(_jsonable(doc), indent=2) + "\n").encode())
 
 
 def _now() -> str:
@@ -221,9 +211,9 @@ def _data_record(data_yaml: Path) -> dict[str, Any]:
     split = data_yaml.parent / "split.json"
     return {
         "yaml": str(data_yaml),
-        "yaml_sha256": _sha256(data_yaml),
+        "yaml_sha256": sha256_file(data_yaml),
         "split_json": str(split) if split.is_file() else None,
-        "split_json_sha256": _sha256(split) if split.is_file() else None,
+        "split_json_sha256": sha256_file(split) if split.is_file() else None,
     }
 
 
@@ -238,7 +228,8 @@ def check_weights(path: Path) -> dict[str, Any]:
         raise TrainSetupError(f"--weights {path}: no such file")
     if path.suffix != ".pt":
         raise TrainSetupError(f"--weights {path}: expected an ultralytics .pt checkpoint")
-    ultra_env.prepare()
+    if ultra_env.thread_settings() is None:  # a bare call; inside a run prepare() already ran
+        ultra_env.prepare()  # (again without --threads it would reset torch to every core)
     from ultralytics.nn.tasks import load_checkpoint
 
     try:
@@ -256,7 +247,7 @@ def check_weights(path: Path) -> dict[str, Any]:
     names = getattr(model, "names", None) or {}
     return {
         "path": str(path.resolve()),
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "task": task,
         "classes": len(names),
         "names": [str(v) for v in (names.values() if isinstance(names, dict) else names)],
@@ -397,7 +388,7 @@ class _Run:
         self.trainer_args = trainer.args  # copied into the record at every save
         self.doc["train_images"] = len(trainer.train_loader.dataset)
         self.doc["batches_per_epoch"] = len(trainer.train_loader)
-        self.doc["threads"] = self.session["threads"] = self._threads()
+        self.session["threads"] = self.doc["threads"]  # recorded by execute() for this session
         self._save("running")
 
     def _epoch_start(self, trainer: Any) -> None:

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 from ruamel.yaml import YAML
 
-from models.datasets.sources.base import IMAGE_SUFFIXES, Sample, Shape, Skip, SourceRead
+from models.datasets.sources.base import (
+    IMAGE_SUFFIXES,
+    Sample,
+    Shape,
+    Skip,
+    SourceRead,
+    box_polygon,
+)
 from models.datasets.yolo import class_names
 
 BOXES_WARNING = "detection lines (class cx cy w h) turned into box polygons"
@@ -77,9 +84,7 @@ def _parse(line: str, names: list[str]) -> tuple[Shape | None, str | None]:
         return None, f"class id {cid} (names has {len(names)})"
     if len(vals) == 4:
         cx, cy, w, h = vals
-        box = [[cx - w / 2, cy - h / 2], [cx + w / 2, cy - h / 2]]
-        box += [[cx + w / 2, cy + h / 2], [cx - w / 2, cy + h / 2]]
-        return Shape(names[cid], np.array(box, np.float32)), "box"
+        return Shape(names[cid], box_polygon(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)), "box"
     if len(vals) < 6 or len(vals) % 2:
         return None, f"{len(vals)} coordinates (want 4, or an even number >= 6)"
     return Shape(names[cid], np.array(vals, np.float32).reshape(-1, 2)), None
