@@ -137,11 +137,18 @@ def running_daemon(
 
 def inference_children(pid: int) -> list[int]:
     """PIDs of the daemon's worker processes (children running the inference loop)."""
+    # Threads (executor threads come and go) and children may vanish between listing and reading:
+    # a thread's children pass to the thread group when it exits, so skipping a gone one is exact.
     kids: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        kids += [int(k) for k in text]
-    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    out = []
+    for k in kids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes():
+                out.append(k)
+    return out
 
 
 
