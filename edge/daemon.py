@@ -402,6 +402,7 @@ class Daemon:
                     logging_cfg=log_cfg,
                     on_death=on_death,
                     nice=nice,
+                    no_preempt=p.worker_no_preempt,
                 )
             return ThreadWorker(name, lambda: load_detector(settings), by_recipe, on_death=on_death)
 

@@ -14,11 +14,13 @@ the outlines), so a result is a few KB whatever the frame size.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
 import multiprocessing as mp
 import os
+import select
 import signal
 import threading
 import time
@@ -44,6 +46,11 @@ from plc.record import Verdict
 log = structlog.get_logger(__name__)
 
 _MS = 1_000_000
+STATS_QUIET_S = 0.002
+"""How long a worker's pipe must stay quiet before it computes the drift statistics of the
+batches it answered: the verdict's PLC write happens in that time (~1 ms)."""
+STATS_BACKLOG = 8
+"""Batches whose statistics may wait; under sustained load one is computed per batch served."""
 
 
 @dataclass(slots=True)
@@ -189,6 +196,7 @@ def _child_main(
     rules: Mapping[int, DecisionRules],
     logging_cfg: tuple[str, str],
     nice: int,
+    no_preempt: bool = True,
 ) -> None:
     """The worker process: load the model once, then serve batches until told to stop."""
     # The daemon decides when we stop (it drains first): a Ctrl-C or a SIGTERM sent to the whole
@@ -196,6 +204,8 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(*logging_cfg)
+    if no_preempt:
+        _no_wakeup_preemption()
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
@@ -206,8 +216,18 @@ def _child_main(
         return
     conn.send(("ready", None, detector.info))
     reader = SlotReader()
+    stats_due: collections.deque[BatchOutput] = collections.deque()
+    pipe = select.poll()  # one poller for the process: Connection.poll() builds one per call
+    pipe.register(conn.fileno(), select.POLLIN)
+    quiet_ms = round(STATS_QUIET_S * 1000)
     try:
         while True:
+            # Drift statistics wait until the pipe has been quiet for a moment: computed at once,
+            # they competed with the daemon handling that very verdict (worker send -> daemon
+            # wake-up p90 0.39 ms with them, 0.20 ms without, 60 fps on 2 vCPUs).
+            while stats_due and (len(stats_due) >= STATS_BACKLOG or not pipe.poll(quiet_ms)):
+                with contextlib.suppress(Exception):  # statistics never cost a verdict
+                    conn.send(("stats", None, drift_stats(stats_due.popleft())))
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
@@ -229,11 +249,24 @@ def _child_main(
                 continue
             if later:
                 out.stats_later = later
-                with contextlib.suppress(Exception):  # statistics never cost a verdict
-                    conn.send(("stats", None, drift_stats(out)))
+                stats_due.append(out)
     finally:
         detector.close()
         reader.close()
+
+
+def _no_wakeup_preemption() -> None:
+    """SCHED_BATCH: a worker woken by a new batch must not preempt the daemon's loop on the
+    loop's own core. Under the default policy the kernel put the wakee on the waker's core and
+    ran it there at once: the loop stalled inside the pipe write for the whole inference (send
+    p90 4.1 ms on a 2-vCPU VM; 0.07 ms under SCHED_BATCH, round trip unchanged) while the other
+    core idled. Nice is unchanged, no privilege is needed; Linux only."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError as exc:
+        log.warning("worker_sched_batch_unavailable", error=str(exc))
 
 
 class ProcessWorker:
@@ -251,9 +284,11 @@ class ProcessWorker:
         logging_cfg: tuple[str, str],
         on_death: DeathCallback,
         nice: int = 0,
+        no_preempt: bool = True,
     ) -> None:
         self.name = name
         self.settings = settings
+        self._no_preempt = no_preempt
         self.rules = dict(rules)
         self.inflight = 0
         self._slots = SlotPool(slots)
@@ -285,7 +320,7 @@ class ProcessWorker:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=_child_main,
-            args=(child, self.settings, self.rules, self._logging, self._nice),
+            args=(child, self.settings, self.rules, self._logging, self._nice, self._no_preempt),
             name=f"edge-infer-{self.name}",
             daemon=True,
         )

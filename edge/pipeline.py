@@ -77,6 +77,9 @@ class PipelineSettings(BaseModel):
     model's intra-op threads (at least 1)."""
     worker_depth: int = Field(default=2, ge=1, le=8)
     """Batches handed to one worker ahead of time, so it never idles waiting for the pipe."""
+    worker_no_preempt: bool = True
+    """Run worker processes under SCHED_BATCH (Linux): a worker woken by a new batch takes a free
+    core instead of preempting the daemon's loop on its own (edge/inference.py)."""
     admission_control: bool = True
     """Fail-safe at once a frame whose predicted completion is past its deadline."""
     model_hang_s: float = Field(default=2.0, gt=0)

@@ -1,0 +1,107 @@
+"""The inference worker process itself (issue 11): how it is scheduled, and that the drift
+statistics it now computes only once its pipe is quiet all still arrive, one per frame."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.decision import DecisionRules, DecisionSettings
+from edge.inference import STATS_BACKLOG, BatchItem, ProcessWorker, StatsItem, Worker
+from models.config import ModelSettings
+from models.package import load_package
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling only")
+
+
+def _worker(demo_package: Path, slots: int, no_preempt: bool) -> ProcessWorker:
+    classes = load_package(demo_package).manifest.classes
+    deaths: list[str] = []
+
+    def died(_w: Worker, why: str) -> None:
+        deaths.append(why)
+
+    return ProcessWorker(
+        "t0",
+        ModelSettings(package=demo_package, intra_op_threads=1, warmup_runs=0),
+        {0: DecisionRules(DecisionSettings(), classes)},
+        slots=slots,
+        logging_cfg=("warning", "json"),
+        on_death=died,
+        no_preempt=no_preempt,
+    )
+
+
+def _frames(demo_package: Path) -> list[np.ndarray]:
+    folder = demo_package.parent / "samples"
+    frames = [cv2.imread(str(p)) for p in sorted(folder.glob("*.png"))[:4]]
+    assert frames and all(f is not None for f in frames), f"no demo samples in {folder}"
+    return frames
+
+
+@pytest.mark.parametrize("no_preempt", [True, False])
+def test_worker_runs_under_sched_batch_unless_told_otherwise(
+    demo_package: Path, no_preempt: bool
+) -> None:
+    async def main() -> int:
+        w = _worker(demo_package, slots=1, no_preempt=no_preempt)
+        await w.start(60)
+        try:
+            assert w.pid is not None
+            return os.sched_getscheduler(w.pid)
+        finally:
+            await w.close()
+
+    policy = asyncio.run(main())
+    assert policy == (os.SCHED_BATCH if no_preempt else os.SCHED_OTHER)
+
+
+def test_statistics_of_back_to_back_batches_all_arrive_after_their_verdicts(
+    demo_package: Path,
+) -> None:
+    """More batches in flight than the statistics backlog: under load the worker computes one
+    per batch served and the rest once the pipe is quiet; none is lost, none comes before its
+    verdict."""
+    frames = _frames(demo_package)
+    batches = STATS_BACKLOG + 6
+
+    async def main() -> tuple[set[int], list[StatsItem], list[str]]:
+        w = _worker(demo_package, slots=batches, no_preempt=True)
+        await w.start(60)
+        answered: set[int] = set()
+        stats: list[StatsItem] = []
+        early: list[str] = []
+        all_stats = asyncio.Event()
+
+        def on_stats(items: list[StatsItem]) -> None:
+            for cam, _s, _d in items:
+                if int(cam.removeprefix("cam")) not in answered:
+                    early.append(cam)
+            stats.extend(items)
+            if len(stats) == batches:
+                all_stats.set()
+
+        w.on_stats = on_stats
+        try:
+            futs = [
+                w.send([BatchItem(frames[i % len(frames)], f"cam{i}")], masks=True, stats=True)
+                for i in range(batches)
+            ]
+            for i, f in enumerate(futs):
+                f.add_done_callback(lambda _f, i=i: answered.add(i))
+            outs = await asyncio.wait_for(asyncio.gather(*futs), 60)
+            assert all(len(o.decisions) == 1 for o in outs)
+            await asyncio.wait_for(all_stats.wait(), 30)
+        finally:
+            await w.close()
+        return answered, stats, early
+
+    answered, stats, early = asyncio.run(main())
+    assert answered == set(range(batches))
+    assert sorted(cam for cam, _s, _d in stats) == sorted(f"cam{i}" for i in range(batches))
+    assert not early, f"statistics before their verdicts: {early}"
