@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge.decision import DecisionRules, DecisionSettings
-from edge.inference import STATS_BACKLOG, BatchItem, ProcessWorker, StatsItem, Worker
+from edge.inference import STATS_BACKLOG, BatchItem, ProcessWorker, StatsItem
 from models.config import ModelSettings
 from models.package import load_package
 
@@ -21,18 +21,13 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux sc
 
 def _worker(demo_package: Path, slots: int, no_preempt: bool) -> ProcessWorker:
     classes = load_package(demo_package).manifest.classes
-    deaths: list[str] = []
-
-    def died(_w: Worker, why: str) -> None:
-        deaths.append(why)
-
     return ProcessWorker(
         "t0",
         ModelSettings(package=demo_package, intra_op_threads=1, warmup_runs=0),
         {0: DecisionRules(DecisionSettings(), classes)},
         slots=slots,
         logging_cfg=("warning", "json"),
-        on_death=died,
+        on_death=lambda _w, _why: None,
         no_preempt=no_preempt,
     )
 
