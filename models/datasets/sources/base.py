@@ -104,6 +104,11 @@ def find_image(name: str, roots: list[Path]) -> Path | None:
     return None
 
 
+def missing_image(rel: str, roots: list[Path]) -> Skip:
+    """The skip of an image that no root holds, naming every place looked in."""
+    return Skip(rel, "image file missing", f"looked in {', '.join(map(str, roots))}")
+
+
 def stem_of(rel: str) -> str:
     """Output stem proposed for a relative image path: its file stem."""
     return Path(rel).stem

@@ -8,6 +8,7 @@ with only a ``bbox`` become box polygons, counted once in the warnings.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from models.datasets.sources.base import (
     find_image,
     flat_polygon,
     mask_shapes,
+    missing_image,
     stem_of,
 )
 
@@ -33,10 +35,22 @@ DEGENERATE_WARNING = "polygons with fewer than 3 points dropped"
 _KEYS = ("images", "annotations", "categories")
 
 
+@functools.lru_cache(maxsize=1)
+def _parsed(path: Path, mtime_ns: int, size: int) -> Any:
+    return json.loads(path.read_text())
+
+
+def _load(path: Path) -> Any:
+    """The file's JSON, parsed once for detection, the file lookup and the read (an export of a
+    large set is hundreds of MB); a changed file is parsed again."""
+    st = path.stat()
+    return _parsed(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
 def is_coco(path: Path) -> bool:
     """A JSON object with images, annotations and categories lists."""
     try:
-        doc = json.loads(path.read_text())
+        doc = _load(path)
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return isinstance(doc, dict) and all(isinstance(doc.get(k), list) for k in _KEYS)
@@ -103,7 +117,7 @@ def _shapes(
 def read(json_path: Path, images_dir: Path | None = None) -> SourceRead:
     """Read one COCO file; images are looked up beside it, in images/, or in ``images_dir``."""
     try:
-        doc = json.loads(json_path.read_text())
+        doc = _load(json_path)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_path}: not readable as COCO JSON ({e})") from e
     if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in _KEYS):
@@ -125,10 +139,7 @@ def read(json_path: Path, images_dir: Path | None = None) -> SourceRead:
         rel = str(im.get("file_name", "")).replace("\\", "/")
         path = find_image(rel, roots) if rel else None
         if path is None:
-            where = ", ".join(map(str, roots))
-            out.skipped.append(
-                Skip(rel or f"image {iid}", "image file missing", f"looked in {where}")
-            )
+            out.skipped.append(missing_image(rel or f"image {iid}", roots))
             continue
         if not isinstance(im.get("width"), int) or not isinstance(im.get("height"), int):
             out.skipped.append(Skip(rel, "bad annotation", "image entry without width/height"))

@@ -31,6 +31,7 @@ from models.datasets.sources.base import (
     box_polygon,
     find_image,
     mask_shapes,
+    missing_image,
     stem_of,
 )
 
@@ -146,8 +147,7 @@ def read(xml_path: Path, images_dir: Path | None = None) -> SourceRead:
         rel = im.attrib.get("name", "").replace("\\", "/")
         path = find_image(rel, roots) if rel else None
         if path is None:
-            where = ", ".join(map(str, roots))
-            out.skipped.append(Skip(rel or "<image>", "image file missing", f"looked in {where}"))
+            out.skipped.append(missing_image(rel or "<image>", roots))
             continue
         width, height = int(im.attrib["width"]), int(im.attrib["height"])
         shapes: list[Shape] = []
