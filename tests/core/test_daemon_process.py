@@ -212,8 +212,9 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
 
 
 def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None:
-    """`edge bench` runs the daemon (paced and closed loop) beside bare session.run, one run."""
-    for mode in (["--rate", "30"], ["--closed-loop", "--workers", "2"]):
+    """`edge bench` runs the daemon (paced and closed loop) beside bare session.run and, closed
+    loop, the naive loop; the references are measured before and after the daemon."""
+    for mode in (["--rate", "30"], ["--closed-loop", "--workers", "2", "--peer", "naive"]):
         out = tmp_path / mode[0].strip("-")
         r = subprocess.run(
             [*EDGE, "bench", *mode, "--duration", "4", "--out", str(out)],
@@ -228,10 +229,17 @@ def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None
         assert bare["one_caller_all_threads"]["runs"] > 0
         assert bare["one_caller_per_worker"]["callers"] == report["config"]["workers"]
         assert report["ratios"]["daemon_vs_bare_one_caller_per_worker"] > 0
+        for b in bare.values():
+            assert b["before_runs_per_s"] > 0 and b["after_runs_per_s"] > 0
         assert (out / "bench-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "ratios: daemon/bare" in r.stdout
     closed = json.loads((tmp_path / "closed-loop" / "bench.json").read_text())
     assert closed["config"]["mode"] == "closed_loop" and closed["real_verdicts_per_s"] > 0
+    naive = closed["naive"]
+    assert naive["before_per_s"] > 0 and naive["after_per_s"] > 0
+    assert naive["frames"] == pytest.approx(naive["verdicts_per_s"] * naive["wall_s"])
+    assert closed["ratios"]["daemon_vs_naive"] == pytest.approx(
+        closed["real_verdicts_per_s"] / naive["verdicts_per_s"])
 
 
 def test_camera_down_raises_plc_alarm_and_recovery_clears_it(
