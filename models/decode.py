@@ -24,6 +24,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
@@ -260,7 +261,7 @@ def _outline(
     c = max(contours, key=cv2.contourArea)
     eps = max(eps_floor, 0.01 * cv2.arcLength(c, True))
     poly = cv2.approxPolyDP(c, eps, True).reshape(-1, 2)
-    points: list[list[int]] = poly.tolist()  # 7x faster than int() per numpy scalar
+    points = cast(list[list[int]], poly.tolist())  # 7x faster than int() per numpy scalar
     return tuple((x, y) for x, y in points)
 
 
