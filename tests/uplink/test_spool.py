@@ -597,3 +597,36 @@ def test_amend_patches_an_unsent_original_and_always_spools_an_amendment(tmp_pat
     assert st["amendments"] == 2 and st["amended_in_place"] == 1
     assert st["amendments_orphaned"] == 1
     spool.close()
+
+
+def test_images_queued_behind_a_slow_disk_are_made_durable_in_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One writer, group commit: 40 images that waited behind a stalled directory reach disk with
+    a handful of directory fsyncs (one per image before), and a bad image in a group loses only
+    its own file."""
+    import uplink.images as images
+    from uplink.config import ImageSettings
+
+    dir_syncs: list[Path] = []
+    real_fsync_dir = images.fsync_dir
+    monkeypatch.setattr(images, "fsync_dir", lambda p: (dir_syncs.append(p), real_fsync_dir(p)))
+    notes: list[images.ImageNote] = []
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pipe = images.ImagePipeline(folder, ImageSettings(format="jpeg"), 2**30, 1, notes.append)
+    pipe.start()
+    with pipe.guard.exclusive():
+        for i in range(40):
+            bad = i == 20
+            assert pipe.offer(f"e{i}", np.zeros((8, 8), np.float32) if bad else make_image(i))
+    assert pipe.wait_idle(20)
+    assert len(notes) == 40 and pipe.written == 39 and pipe.errors == 1
+    assert 1 <= len(dir_syncs) <= 3, dir_syncs
+    for n in notes:
+        if n.event_id == "e20":
+            assert n.error is not None and "JPEG needs uint8" in n.error and n.size == 0
+        else:
+            assert n.error is None and (folder / n.file).stat().st_size == n.size > 0
+    assert not list(folder.glob(".*.tmp"))
+    assert pipe.stop(5)
