@@ -75,7 +75,7 @@ class BatchItem:
 
 
 def _without_masks(decision: Decision) -> Decision:
-    if not decision.counted:
+    if all(d.mask is None for d in decision.counted):  # decoded without masks: nothing to strip
         return decision
     counted = tuple(dataclasses.replace(d, mask=None) for d in decision.counted)
     deciding = None

@@ -210,6 +210,7 @@ class ImagePipeline:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._threads: list[threading.Thread] = []
         self._running = False
+        self._stopping = False
         self._held = 0
         self._in_flight = 0
         self.accepted = 0
@@ -234,6 +235,11 @@ class ImagePipeline:
         return self._held
 
     @property
+    def alive(self) -> bool:
+        """Every writer thread runs (they catch everything; this is what /healthz checks)."""
+        return self._running and all(t.is_alive() for t in self._threads)
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 
@@ -241,7 +247,7 @@ class ImagePipeline:
         """Take the frame if the byte bound allows; False = dropped (counted)."""
         size = int(getattr(image, "nbytes", 0)) or 1
         with self._lock:
-            if not self._running or self._held + size > self.bound_bytes:
+            if not self._running or self._stopping or self._held + size > self.bound_bytes:
                 self.dropped += 1
                 return False
             self._held += size
@@ -269,14 +275,21 @@ class ImagePipeline:
                 if not self._queue:
                     return  # stopped and nothing left
                 group = [self._queue.popleft() for _ in range(min(GROUP_MAX, len(self._queue)))]
+            for p in group:
+                p.name = image_file_name(p.event_id, self.cfg.extension)
+                try:
+                    p.data = encode(p.image, self.cfg)
+                except (ValueError, cv2.error) as exc:
+                    p.error = f"{type(exc).__name__}: {exc}"
+                p.image = _NO_PIXELS  # the pixels are not needed past the encode
             try:
-                self._store(group)
+                with self.guard.shared():
+                    self._write_durably([p for p in group if p.error is None])
             except Exception as exc:  # never let a writer die with reservations held
                 for p in group:
                     p.error = p.error or f"{type(exc).__name__}: {exc}"
             for p in group:
-                note = ImageNote(p.event_id, p.name or image_file_name(p.event_id,
-                                 self.cfg.extension), len(p.data) if p.error is None else 0,
+                note = ImageNote(p.event_id, p.name, len(p.data) if p.error is None else 0,
                                  p.error)
                 try:  # the note first: once idle, every note has been handed over (flush needs it)
                     self._on_done(note)
@@ -285,45 +298,38 @@ class ImagePipeline:
                 finally:
                     self._release(p.size, ok=note.error is None)
 
-    def _store(self, group: list[_Pending]) -> None:
-        """Encode and write every image of the group, then make them durable together."""
+    def _write_durably(self, group: list[_Pending]) -> None:
+        """tmp + fsync + rename per file (a reader, or a restart, sees the whole file or none of
+        it), then one directory fsync for the group. A failure costs only its own image."""
+        written: list[tuple[_Pending, Path]] = []
         for p in group:
-            p.name = image_file_name(p.event_id, self.cfg.extension)
+            tmp = self.images_dir / f".{p.name}.tmp"
             try:
-                p.data = encode(p.image, self.cfg)
-            except (ValueError, cv2.error) as exc:
+                with open(tmp, "wb") as fh:
+                    fh.write(p.data)
+                written.append((p, tmp))
+            except OSError as exc:
                 p.error = f"{type(exc).__name__}: {exc}"
-            p.image = _NO_PIXELS  # the pixels are not needed past the encode
-        with self.guard.shared():
-            written: list[tuple[_Pending, Path]] = []
-            for p in group:
-                if p.error is not None:
-                    continue
-                tmp = self.images_dir / f".{p.name}.tmp"
-                try:
-                    with open(tmp, "wb") as fh:
-                        fh.write(p.data)
-                    written.append((p, tmp))
-                except OSError as exc:
+        renamed = [p for p, tmp in written if self._sync_and_rename(p, tmp)]
+        if renamed:
+            try:
+                fsync_dir(self.images_dir)
+            except OSError as exc:
+                for p in renamed:
                     p.error = f"{type(exc).__name__}: {exc}"
-            renamed = 0
-            for p, tmp in written:
-                try:  # tmp + fsync + rename: a reader (or a restart) sees the whole file or none
-                    fd = os.open(tmp, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, self.images_dir / p.name)
-                    renamed += 1
-                except OSError as exc:
-                    p.error = f"{type(exc).__name__}: {exc}"
-            if renamed:
-                try:
-                    fsync_dir(self.images_dir)
-                except OSError as exc:
-                    for p, _tmp in written:
-                        p.error = p.error or f"{type(exc).__name__}: {exc}"
+
+    def _sync_and_rename(self, p: _Pending, tmp: Path) -> bool:
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # after the group's first, little is left to write
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.images_dir / p.name)
+        except OSError as exc:
+            p.error = f"{type(exc).__name__}: {exc}"
+            return False
+        return True
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._lock:
@@ -331,11 +337,13 @@ class ImagePipeline:
 
     def stop(self, timeout_s: float) -> bool:
         """Finish what is in flight (up to timeout_s); True if nothing was left behind."""
+        with self._lock:
+            self._stopping = True  # no new images while the last ones are written
         idle = self.wait_idle(timeout_s)
         with self._lock:
             self._running = False
             if not idle:
-                self._queue.clear()  # never written: their events already say image pending
+                self._queue.clear()  # never written: the next open marks their images lost
             self._lock.notify_all()
             threads, self._threads = self._threads, []
         if idle:  # a writer stuck in a stalled fsync is left behind (daemon thread), not waited for

@@ -338,6 +338,7 @@ class Spool:
             and w is not None
             and w.alive
             and w.failing_since is None
+            and self._images.alive
         )
 
     # ------------------------------------------------------------------ forwarder side (blocking)

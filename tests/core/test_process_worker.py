@@ -100,3 +100,25 @@ def test_statistics_of_back_to_back_batches_all_arrive_after_their_verdicts(
     assert answered == set(range(batches))
     assert sorted(cam for cam, _s, _d in stats) == sorted(f"cam{i}" for i in range(batches))
     assert not early, f"statistics before their verdicts: {early}"
+
+
+def test_decisions_come_back_without_masks_whether_or_not_they_were_decoded(
+    demo_package: Path,
+) -> None:
+    """Masks stay in the worker (the ROI area is computed there); with and without them the
+    verdicts, areas and outlines that go back are the same."""
+    from edge.inference import run_batch
+    from models.loader import load_detector
+
+    classes = load_package(demo_package).manifest.classes
+    rules = {0: DecisionRules(DecisionSettings(), classes)}
+    det = load_detector(ModelSettings(package=demo_package, intra_op_threads=1, warmup_runs=0))
+    try:
+        items = [BatchItem(f, "cam0") for f in _frames(demo_package)]
+        with_masks = run_batch(det, rules, items, masks=True).decisions
+        without = run_batch(det, rules, items, masks=False).decisions
+    finally:
+        det.close()
+    assert any(d.counted for d in with_masks), "the demo samples should hold detections"
+    assert with_masks == without
+    assert all(x.mask is None for d in with_masks for x in d.counted)

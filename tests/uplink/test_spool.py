@@ -629,4 +629,6 @@ def test_images_queued_behind_a_slow_disk_are_made_durable_in_groups(
         else:
             assert n.error is None and (folder / n.file).stat().st_size == n.size > 0
     assert not list(folder.glob(".*.tmp"))
+    assert pipe.alive
     assert pipe.stop(5)
+    assert not pipe.alive and not pipe.offer("late", make_image(41))
