@@ -13,7 +13,9 @@ the same model, the same images and a real Modbus server (the PLC simulator in i
 * with `--peer naive` (train extra): ultralytics `YOLO(model.onnx).predict` + a synchronous
   pymodbus write per frame, closed loop (models/training/naive_peer.py).
 
-Ratios come from this one run, never from another day's table.
+Ratios come from this one run, never from another day's table. The references (bare and naive)
+run in two halves, before and after the daemon phase, so that a VM's drift over the run lands on
+both sides of the ratio; each half is reported.
 """
 
 from __future__ import annotations
