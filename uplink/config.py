@@ -194,8 +194,8 @@ class UplinkSettings(BaseModel):
     failed and is retried with backoff."""
     image_writers: int = Field(default=1, ge=1, le=32)
     """Threads that encode and write images; each makes the images waiting durable as a group
-    (one directory fsync), so a slow disk does not need more of them. More only where JPEG
-    encoding of large frames needs several cores; on 2 cores four cost 13 % of capacity."""
+    (one directory fsync for the group). More where JPEG encoding of large frames needs several
+    cores or a slow disk's fsyncs need overlapping; on 2 cores four cost 13 % of capacity."""
     batch_max_events: int = Field(default=500, ge=1)
     batch_max_delay_ms: float = Field(default=50.0, ge=0)
     sent_retention_h: float = Field(default=24.0, ge=0)
