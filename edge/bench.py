@@ -132,6 +132,10 @@ def load_sample_images(folder: Path, limit: int = 64) -> list[np.ndarray]:
     return [im for im in images if im is not None]
 
 
+SAMPLES_KEPT = 50_000
+"""Latency samples a bare run keeps for the merged percentiles and the CDF."""
+
+
 def bare_session_run(
     cfg: LineConfig,
     images: list[np.ndarray],
@@ -192,9 +196,6 @@ def bare_session_run(
     return {"callers": callers, "intra_op_threads": threads, "paced_hz": rate_hz,
             "runs": len(flat), "wall_s": wall, "runs_per_s": len(flat) / wall,
             "latency_ms": percentiles(flat), "samples": flat[:SAMPLES_KEPT]}
-
-
-SAMPLES_KEPT = 50_000
 
 
 def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
