@@ -29,7 +29,7 @@ import structlog
 from camera.config import TriggeredMode
 from camera.frame import Frame
 from camera.worker import CameraWorker
-from edge import malloc
+from edge import gcpause, malloc
 from edge.config import ConfigError, LineConfig, load_config
 from edge.control import ControlError, ControlServer
 from edge.cpulatency import CpuLatencyHint
@@ -168,6 +168,7 @@ class Daemon:
         self.ready_hooks: list[Callable[[Daemon], None]] = []
         """Called once everything runs, before READY=1 (the bench attaches its load here)."""
         self.metrics.registry.register(SnapshotCollector(self._snapshot_metrics))
+        self._gc_pauses = gcpause.GcPauses(self._gc_paused)
 
     # ---- public --------------------------------------------------------------------------
 
@@ -183,6 +184,7 @@ class Daemon:
         # timer by that much. Hand it over more often (a little throughput for latency).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._install_signals()
+        self._gc_pauses.install()
         try:
             await self._start()
         except Exception as exc:
@@ -328,8 +330,15 @@ class Daemon:
                 log.error("control_socket_unavailable", path=str(cfg.control_socket()),
                           error=str(exc))
                 self.control = None
+        # Everything the line serves with is loaded: freeze it out of the collector's reach before
+        # frames flow, so no full collection can stall a deadline guard for ~60 ms later.
+        log.info("heap_settled", frozen_objects=gcpause.settle())
         for worker in self.workers.values():
             worker.start()
+
+    def _gc_paused(self, generation: int, ms: float) -> None:
+        self.metrics.gc_pause.labels(str(generation)).observe(ms)
+        self.stats.gc_pause_ms.add(ms)
 
     def _start_plc_inputs(self) -> None:
         """The PLC input watcher, when a camera is PLC-triggered, a part id comes from the PLC,
@@ -999,6 +1008,8 @@ class Daemon:
         phase("plc_http")
         self.notifier.close()
         self.cpu_latency.stop()
+        self._gc_pauses.remove()
+        gcpause.release()
         log.info("daemon_stopped", drained=drained, phases_s=phases)
         return drained
 

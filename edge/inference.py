@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
+from edge import gcpause
 from edge.decision import Decision, DecisionRules
 from edge.logs import configure_logging
 from edge.shm import SlotPool, SlotReader, SlotRef
@@ -214,6 +215,7 @@ def _child_main(
     except Exception as exc:  # reported to the parent, which keeps the line on fail-safes
         conn.send(("error", None, f"{type(exc).__name__}: {exc}"))
         return
+    gcpause.settle()  # a full collection here would hold a frame's verdict back by tens of ms
     conn.send(("ready", None, detector.info))
     reader = SlotReader()
     stats_due: collections.deque[BatchOutput] = collections.deque()

@@ -112,6 +112,13 @@ class Metrics:
             buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000),
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "edge_gc_pause_ms",
+            "How long each garbage collection of the daemon process held the GIL.",
+            ["generation"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 250),
+            registry=r,
+        )
         ProcessCollector(registry=r)
         self.heartbeat = Gauge("edge_plc_heartbeat", "Last heartbeat value written.", registry=r)
         self.alarms = Gauge(

@@ -646,7 +646,7 @@ def main() -> int:
         "frames": s["frames"], "decided": s["decided"], "verdicts": s["verdicts"],
         "failsafes": s["failsafes"], "deadline_misses": s["deadline_misses"],
         "misses_by_outcome": s["misses_by_outcome"], "end_to_end_ms": s["end_to_end_ms"],
-        "event_loop_lag_ms": s.get("event_loop_lag_ms"),
+        "event_loop_lag_ms": s.get("event_loop_lag_ms"), "gc_pause_ms": s.get("gc_pause_ms"),
         "rss_daemon_mb": {"first": soak.samples[0].rss_daemon if soak.samples else None,
                           "last": soak.samples[-1].rss_daemon if soak.samples else None,
                           "slope_mb_per_min_after_warmup": round(slope, 3),

@@ -54,12 +54,17 @@ def test_sigterm_drains_and_everything_is_accounted(
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         assert b"edge_end_to_end_latency_ms_bucket" in metrics
         assert b'edge_component_up{component="plc"} 1.0' in metrics
+        assert b'edge_gc_pause_ms_count{generation="0"}' in metrics
+        # The startup heap (modules, classes: ~100k objects) is out of the collector's walk.
+        settled = d.event("heap_settled")
+        assert settled is not None and settled["frozen_objects"] > 20_000, settled
         d.proc.send_signal(signal.SIGTERM)
         rc = d.proc.wait(30)
     assert rc == 0, d.lines[-5:]
     s = json.loads(summary_path.read_text())
     assert s["exit_reason"] == "SIGTERM"
     assert s["decided"] > 0
+    assert s["gc_pause_ms"]["n"] > 0
     assert_each_frame_decided_once(s, plc.records)
     # The PLC saw one record per frame that went out, in sequence; mbpoll reads the last one.
     sent = s["decided"] - s["misses_by_outcome"].get("dropped_late", 0)
