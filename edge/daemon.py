@@ -184,7 +184,6 @@ class Daemon:
         # timer by that much. Hand it over more often (a little throughput for latency).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._install_signals()
-        self._gc_pauses.install()
         try:
             await self._start()
         except Exception as exc:
@@ -333,12 +332,13 @@ class Daemon:
         # Everything the line serves with is loaded: freeze it out of the collector's reach before
         # frames flow, so no full collection can stall a deadline guard for ~60 ms later.
         log.info("heap_settled", frozen_objects=gcpause.settle())
+        self._gc_pauses.install()  # from here on, a collection is a pause of the running line
         for worker in self.workers.values():
             worker.start()
 
     def _gc_paused(self, generation: int, ms: float) -> None:
         self.metrics.gc_pause.labels(str(generation)).observe(ms)
-        self.stats.gc_pause_ms.add(ms)
+        self.stats.gc_pause_ms[generation].add(ms)
 
     def _start_plc_inputs(self) -> None:
         """The PLC input watcher, when a camera is PLC-triggered, a part id comes from the PLC,

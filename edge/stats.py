@@ -121,8 +121,10 @@ class RunStats:
     per_camera_frames: collections.Counter[str] = field(default_factory=collections.Counter)
     loop_lag_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
     """How late the event loop ran a 100 ms timer (sampled ten times a second)."""
-    gc_pause_ms: LatencyHistogram = field(default_factory=LatencyHistogram)
-    """Every garbage collection of the daemon process, any generation and thread."""
+    gc_pause_ms: dict[int, LatencyHistogram] = field(
+        default_factory=lambda: collections.defaultdict(LatencyHistogram)
+    )
+    """Each garbage collection of the daemon process while the line runs, per generation."""
 
     def record_verdict(self, camera: str, verdict: str, e2e_ms: float) -> None:
         self.verdicts[verdict] += 1
@@ -157,7 +159,7 @@ class RunStats:
             "end_to_end_ms": self.e2e_ms.summary(),
             "stages_ms": {k: v.summary() for k, v in sorted(self.stages_ms.items())},
             "event_loop_lag_ms": self.loop_lag_ms.summary(),
-            "gc_pause_ms": self.gc_pause_ms.summary(),
+            "gc_pause_ms": {str(g): h.summary() for g, h in sorted(self.gc_pause_ms.items())},
             "per_camera": {
                 cam: {"frames": self.per_camera_frames[cam], "decided": self.per_camera[cam]}
                 for cam in sorted(set(self.per_camera_frames) | set(self.per_camera))
