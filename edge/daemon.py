@@ -258,6 +258,7 @@ class Daemon:
             self._set("spool", True, "open")
             if cfg.uplink.kafka is not None or cfg.uplink.s3 is not None:
                 self.forwarder = Forwarder(self.spool)
+                await self.forwarder.open_s3()  # before the heap is settled (edge/gcpause.py)
                 self.components["uplink"] = ComponentState()
                 self.supervisor.spawn("uplink", self.forwarder.run, critical=False)
         except Exception as exc:
@@ -987,6 +988,7 @@ class Daemon:
         await bounded("tasks", self.supervisor.close(), 3.0)
         if self.forwarder is not None:
             self.forwarder.stop()
+            await bounded("uplink client", self.forwarder.aclose(), 2.0)
         phase("tasks")
         if self.spool is not None:
             await bounded("spool flush", loop.run_in_executor(None, self.spool.flush, 5.0), 6.0)

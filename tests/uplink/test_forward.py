@@ -8,21 +8,24 @@ verifies signatures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 from minio import Minio
 
 from tests.support import free_port
 from tests.uplink.conftest import BUCKET, S3_KEY, S3_SECRET, Peer, Record, read_topic
 from tests.uplink.helpers import make_event, make_image
+from uplink import forwarder as forwarder_mod
 from uplink.config import UplinkSettings
 from uplink.event import PartEvent
 from uplink.forwarder import Forwarder, _Rate
@@ -175,6 +178,66 @@ async def test_s3_outage_delivers_every_image(tmp_path: Path, s3: Peer) -> None:
     assert meta["x-amz-meta-event-id"] == ev.event_id
     assert meta["x-amz-meta-sha256"] == hashlib.sha256(body).hexdigest()
     assert meta["content-type"] == "image/png"
+
+
+async def test_s3_client_opened_at_startup_is_the_one_that_uploads_then_closed(
+    tmp_path: Path, s3: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_s3() (called by the daemon before it freezes its heap) makes no network call, and
+    the images loop uploads with that very client rather than building a second one."""
+    built: list[str] = []
+    real = forwarder_mod.s3_client
+
+    @contextlib.asynccontextmanager
+    async def counted(cfg: Any) -> AsyncIterator[Any]:
+        built.append("open")
+        async with real(cfg) as client:
+            yield client
+        built.append("closed")
+
+    monkeypatch.setattr(forwarder_mod, "s3_client", counted)
+    minio(s3).make_bucket(BUCKET)
+    spool = Spool(uplink_settings(tmp_path, None, s3), "L1")
+    spool.open()
+    fwd = Forwarder(spool)
+    await asyncio.to_thread(s3.stop)
+    await fwd.open_s3()  # S3 is down: building the client must not need it
+    assert built == ["open"] and fwd.last_error is None
+    await asyncio.to_thread(s3.start)
+    task = asyncio.create_task(fwd.run())
+    try:
+        for i in range(5):
+            assert spool.submit(make_event("L1", "cam0", i, "DEFECT"), make_image(i))
+        await wait_for(lambda: fwd.images_sent >= 5, 30, "5 images uploaded")
+    finally:
+        fwd.stop()
+        await task
+        spool.close()
+    assert built == ["open", "closed"]
+    assert len(list(minio(s3).list_objects(BUCKET, recursive=True))) == 5
+
+
+async def test_s3_client_opened_but_never_used_is_closed_by_aclose(
+    tmp_path: Path, s3: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[bool] = []
+    real = forwarder_mod.s3_client
+
+    @contextlib.asynccontextmanager
+    async def watched(cfg: Any) -> AsyncIterator[Any]:
+        async with real(cfg) as client:
+            yield client
+        closed.append(True)
+
+    monkeypatch.setattr(forwarder_mod, "s3_client", watched)
+    spool = Spool(uplink_settings(tmp_path, None, s3), "L1")
+    spool.open()
+    fwd = Forwarder(spool)
+    await fwd.open_s3()
+    await fwd.aclose()  # the daemon stopped before the forwarder's task ever ran
+    await fwd.aclose()
+    spool.close()
+    assert closed == [True]
 
 
 async def test_s3_wrong_secret_is_rejected_and_nothing_marked_sent(
@@ -408,3 +471,36 @@ async def test_amendment_reaches_kafka_after_its_original(tmp_path: Path, kafka:
     assert amendment["changes"] == {"plc_outcome": "confirmed_applied"}
     for d in docs:
         jsonschema.validate(d, SCHEMA)
+
+
+async def test_cancelling_the_forwarder_cancels_its_uploads_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's stop cancels the forwarder's task: the uploads it was awaiting must end
+    with it (before, they ran on and their gather's CancelledError was logged as "never
+    retrieved" when the loop closed)."""
+    s3 = Peer(["true"], free_port(), "nobody (never started)", tmp_path / "s3.log")
+    spool = Spool(uplink_settings(tmp_path, None, s3), "L1")
+    spool.open()
+    fwd = Forwarder(spool)
+    started, cancelled = asyncio.Event(), []
+
+    async def stuck(_client: Any, _sem: asyncio.Semaphore, _img: Any) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    monkeypatch.setattr(fwd, "_upload_one", stuck)
+    assert spool.submit(make_event("L1", "cam0", 1, "DEFECT"), make_image(1))
+    task = asyncio.create_task(fwd.run())
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        spool.close()
+    assert cancelled == [True]
