@@ -15,10 +15,12 @@ generation (`gc.freeze`, the approach Instagram published for its Django fleet):
 collections walk only what was made after it. Measured on the same VM: a full collection 57 ms
 before, 0.01-0.4 ms after. In two 30-minute soaks with the freeze, the loop lag peaked at 35 and
 49 ms (113-117 ms in the three before it); the full collections that remain walk what outages
-leave behind (tracebacks and requests of failed uploads): 25 in 30 minutes, p50 20 ms. Reference counting still frees frozen objects that are not in a
-cycle; a frozen cycle that becomes garbage stays until the process ends, which is why `settle()`
-runs once, after startup, and not after every reload, and why `release()` undoes it when a
-daemon stops inside a longer-lived process.
+leave behind (tracebacks and requests of failed uploads): 25 in 30 minutes, p50 20 ms.
+
+Reference counting still frees frozen objects that are not in a cycle; a frozen cycle that
+becomes garbage stays until the process ends, which is why `settle()` runs once, after startup,
+and not after every reload, and why `release()` undoes it when a daemon stops inside a
+longer-lived process.
 
 `GcPauses` times every collection (any generation, any thread) so a loop-lag spike can be told
 apart from a collector pause on the metrics page.
