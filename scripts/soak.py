@@ -18,7 +18,8 @@ It samples the daemon's and its workers' RSS and the event loop's lag each secon
   * recovery: real verdicts back within 2 s of each fault affecting them ending;
   * nothing lost: after the run (and `edge uplink drain`), Kafka holds every decided part's
     event (distinct event ids, read back by kcat, a consumer the project did not write).
-Writes soak.json (figures), soak.png (RSS, loop lag, latency over time, faults shaded).
+Writes soak.json (figures), soak.png (RSS, loop lag, latency over time, faults shaded) and
+daemon.log (every line the daemon wrote).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def make_kafka(d: Path) -> Peer:
 
 
 class Daemon:
-    def __init__(self, config: Path, summary: Path) -> None:
+    def __init__(self, config: Path, summary: Path, log_file: Path) -> None:
         self.proc = subprocess.Popen(
             [PY, "-m", "edge", "run", "--config", str(config), "--summary-json", str(summary)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, cwd=ROOT)
@@ -200,25 +201,40 @@ class Daemon:
         self.non_json: list[str] = []
         self.tail: deque[dict[str, Any]] = deque(maxlen=300)
         self.http_port: int | None = None
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.log_file = log_file
+        """Every line the daemon wrote, kept with the report: a miss or a stall in the figures
+        can be traced to its log lines afterwards (~700 lines in 30 minutes)."""
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
+
+    def wait(self, timeout_s: float) -> int:
+        """The daemon's exit code, once every line it wrote has been read and kept."""
+        rc = self.proc.wait(timeout_s)
+        self._pumping.join(10)
+        return rc
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                rec = None
-            if not isinstance(rec, dict):
-                if len(self.non_json) < 100:
-                    self.non_json.append(raw.decode(errors="replace"))
-                continue
-            ev = str(rec.get("event"))
-            self.events[ev] += 1
-            self.levels[str(rec.get("level"))] += 1
-            self.tail.append(rec)
-            if ev == "daemon_ready":
-                self.http_port = rec.get("http_port")
+        with self.log_file.open("wb", buffering=0) as keep:
+            for raw in self.proc.stderr:
+                keep.write(raw)
+                self._read(raw)
+
+    def _read(self, raw: bytes) -> None:
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict):
+            if len(self.non_json) < 100:
+                self.non_json.append(raw.decode(errors="replace"))
+            return
+        ev = str(rec.get("event"))
+        self.events[ev] += 1
+        self.levels[str(rec.get("level"))] += 1
+        self.tail.append(rec)
+        if ev == "daemon_ready":
+            self.http_port = rec.get("http_port")
 
     def workers(self) -> list[int]:
         kids: list[int] = []
@@ -352,7 +368,7 @@ class Soak:
         self.config = self.tmp / "line.yaml"
         self.good_config = json.dumps(cfg, indent=1)  # JSON is YAML
         self.config.write_text(self.good_config)
-        self.daemon = Daemon(self.config, self.tmp / "summary.json")
+        self.daemon = Daemon(self.config, self.tmp / "summary.json", self.args.out / "daemon.log")
         wait_until(lambda: self.daemon.http_port is not None, 120, "daemon_ready")
         wait_until(lambda: any(v in REAL for *_, v in self.plc.records), 60, "a real verdict")
         self.t0 = time.monotonic()
@@ -465,7 +481,7 @@ class Soak:
     def finish(self) -> dict[str, Any]:
         self._stop.set()
         self.daemon.proc.send_signal(signal.SIGTERM)
-        rc = self.daemon.proc.wait(60)
+        rc = self.daemon.wait(60)
         summary = json.loads((self.tmp / "summary.json").read_text())
         log(f"daemon exited {rc}; draining the spool with `edge uplink drain`")
         drain = subprocess.run([PY, "-m", "edge", "uplink", "drain", "--config", str(self.config),

@@ -41,3 +41,6 @@ def test_three_minute_soak_with_faults(tmp_path: Path) -> None:
     assert len(report["faults"]) >= 12  # every fault twice
     assert report["kafka_part_events"] >= report["decided"]
     assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
+    kept = (out / "daemon.log").read_text().splitlines()  # every line, for tracing a miss later
+    assert len(kept) == sum(report["daemon_log"]["lines_by_level"].values()) > 100
+    assert any('"daemon_ready"' in line for line in kept)
