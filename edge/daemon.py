@@ -53,6 +53,7 @@ from models.drift import (
     DRIFT_METRICS,
     CameraDrift,
     DriftWatch,
+    FrameSampler,
     FrameStats,
     load_package_baseline,
 )
@@ -290,6 +291,7 @@ class Daemon:
                 score_floor=settings.conf_threshold,
             )
             self.pipeline.stats_sink = self._drift_observe
+            self.pipeline.stats_due = FrameSampler(cfg.drift.sample_hz).due
 
         if cfg.observability.enabled:
             obs = cfg.observability

@@ -73,6 +73,8 @@ class BatchItem:
     image: np.ndarray
     camera_id: str
     recipe: int = 0
+    stats: bool = False
+    """Also compute the frame's drift statistics (a sample of frames: models.drift.FrameSampler)."""
 
 
 def _without_masks(decision: Decision) -> Decision:
@@ -90,7 +92,6 @@ def run_batch(
     rules: Mapping[int, DecisionRules],
     items: Sequence[BatchItem],
     masks: bool,
-    stats: bool = False,
 ) -> BatchOutput:
     """Every CPU-heavy step of one batch, timed per stage (runs inside the worker)."""
     t0 = time.perf_counter_ns()
@@ -116,14 +117,11 @@ def run_batch(
             raise ModelError(f"no decision rules for recipe {it.recipe}")
         decisions.append(_without_masks(recipe_rules.decide(dets, it.image.shape, it.camera_id)))
     t4 = time.perf_counter_ns()
-    later = (
-        [
-            (it.camera_id, downscaled_gray(it.image), dets, d.verdict is Verdict.DEFECT)
-            for it, dets, d in zip(items, detections, decisions, strict=True)
-        ]
-        if stats
-        else None
-    )
+    later = [
+        (it.camera_id, downscaled_gray(it.image), dets, d.verdict is Verdict.DEFECT)
+        for it, dets, d in zip(items, detections, decisions, strict=True)
+        if it.stats
+    ]
     return BatchOutput(
         decisions,
         {
@@ -133,7 +131,7 @@ def run_batch(
             "decide": (t4 - t3) / _MS,
         },
         t4 - t0,
-        later,
+        later or None,
     )
 
 
@@ -167,11 +165,9 @@ class Worker(Protocol):
         """Load the model; ModelError if it cannot (the worker is then dead)."""
         ...
 
-    def send(
-        self, items: Sequence[BatchItem], masks: bool, stats: bool = False
-    ) -> asyncio.Future[BatchOutput]:
+    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
         """Start one batch; the future fails with ModelError if the worker fails or dies.
-        ``stats``: also compute each frame's drift statistics."""
+        Items marked ``stats`` also get their drift statistics, after the verdicts (on_stats)."""
         ...
 
     def kill(self, reason: str) -> bool:
@@ -239,10 +235,10 @@ def _child_main(
             batch_id, refs, cameras, recipes, masks, stats = msg
             try:
                 items = [
-                    BatchItem(reader.view(ref), cam, recipe)
-                    for ref, cam, recipe in zip(refs, cameras, recipes, strict=True)
+                    BatchItem(reader.view(ref), cam, recipe, want)
+                    for ref, cam, recipe, want in zip(refs, cameras, recipes, stats, strict=True)
                 ]
-                out = run_batch(detector, rules, items, masks, stats)
+                out = run_batch(detector, rules, items, masks)
                 del items
                 later, out.stats_later = out.stats_later, None
                 conn.send(("ok", batch_id, out))
@@ -342,9 +338,7 @@ class ProcessWorker:
         log.info("inference_process_ready", worker=self.name, pid=proc.pid, model=info.model_id)
         return info
 
-    def send(
-        self, items: Sequence[BatchItem], masks: bool, stats: bool = False
-    ) -> asyncio.Future[BatchOutput]:
+    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
         assert self._loop is not None and self._conn is not None
         fut: asyncio.Future[BatchOutput] = self._loop.create_future()
         if self._dead:
@@ -365,7 +359,7 @@ class ProcessWorker:
                     [it.camera_id for it in items],
                     [it.recipe for it in items],
                     masks,
-                    stats,
+                    [it.stats for it in items],
                 )
             )
         except (OSError, ValueError, IndexError) as exc:
@@ -538,9 +532,7 @@ class ThreadWorker:
             raise ModelError(f"model did not load in {timeout_s:g}s") from None
         return self._detector.info
 
-    def send(
-        self, items: Sequence[BatchItem], masks: bool, stats: bool = False
-    ) -> asyncio.Future[BatchOutput]:
+    def send(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
         loop = asyncio.get_running_loop()
         det = self._detector
         if det is None:
@@ -549,7 +541,7 @@ class ThreadWorker:
             return fut
         self.inflight += 1
         fut = loop.run_in_executor(
-            self._pool, run_batch, det, self.rules, list(items), masks, stats
+            self._pool, run_batch, det, self.rules, list(items), masks
         )
 
         def done(f: asyncio.Future[BatchOutput]) -> None:

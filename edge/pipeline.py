@@ -219,6 +219,8 @@ class Pipeline:
         self.stats_sink: StatsSink | None = None
         """The drift watch: frame statistics of the active model's batches, after their
         verdicts (computed by the workers off the critical path)."""
+        self.stats_due: Callable[[str, int], bool] = lambda _camera, _now_ns: True
+        """(camera, now) -> whether this frame's statistics are wanted (the watch's sampler)."""
         self._miss_log = Aggregator("deadline_miss")
         self._failsafe_log = Aggregator("failsafe", level="info")
         if pool is not None:
@@ -439,10 +441,15 @@ class Pipeline:
                 job.canary = canary
                 job.stages_ms["handoff"] = (job.received_ns - job.frame.captured_ns) / _MS
                 job.stages_ms["queue"] = (start - job.received_ns) / _MS
+            stats = self.stats_sink is not None and not canary
+            due = self.stats_due
             fut = pool.submit(
-                [BatchItem(j.frame.image, j.frame.camera_id, j.recipe) for j in batch],
+                [
+                    BatchItem(j.frame.image, j.frame.camera_id, j.recipe,
+                              stats and due(j.frame.camera_id, start))
+                    for j in batch
+                ],
                 self.settings.masks,
-                self.stats_sink is not None and not canary,
             )
             fut.add_done_callback(
                 lambda f, jobs=batch, m=model, t=start: self._batch_done(f, jobs, m, t)  # type: ignore[misc]

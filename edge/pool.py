@@ -284,9 +284,7 @@ class InferencePool:
         """A ready worker with nothing to do: a frame sent now starts at once (a probe)."""
         return any(w.inflight == 0 for w in self.ready_workers)
 
-    def submit(
-        self, items: Sequence[BatchItem], masks: bool, stats: bool = False
-    ) -> asyncio.Future[BatchOutput]:
+    def submit(self, items: Sequence[BatchItem], masks: bool) -> asyncio.Future[BatchOutput]:
         """Send one batch to the least-loaded ready worker (call only when has_capacity())."""
         candidates = [w for w in self.ready_workers if w.inflight < self.depth]
         if not candidates:
@@ -300,7 +298,7 @@ class InferencePool:
         key = (index << 20) | (self._batch_ids & 0xFFFFF)
         start = self._clock_ns()
         self._busy_since[key] = start
-        fut = worker.send(items, masks, stats)
+        fut = worker.send(items, masks)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.hang_s, self._hang_check, worker, fut)
         n = len(items)

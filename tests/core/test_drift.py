@@ -9,6 +9,7 @@ DRIFT, /healthz), and unchanged images must never raise anything.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from tests.support import mbpoll_read, wait_until
 
 BASELINE, WINDOW = 240, 120
 DRIFT = {"baseline_frames": BASELINE, "window_frames": WINDOW, "window_blocks": 4,
-         "defect_rate_alpha": 1e-4}
+         "defect_rate_alpha": 1e-4, "sample_hz": None}  # the folders are laid out in frames
 
 
 def brighter(img: np.ndarray) -> np.ndarray:
@@ -101,3 +102,28 @@ def test_drift_is_raised_for_the_statistic_that_changed_and_only_then(
         assert statistic in names, json.dumps(raised)[:1000]
         if statistic == "focus":
             assert "brightness" not in names, names  # a blur is not a lighting change
+
+
+def test_statistics_are_computed_for_a_sample_of_frames_at_the_configured_rate(
+    tmp_path: Path, plc: PlcProcess, demo_package: Path
+) -> None:
+    """drift.sample_hz bounds the statistics the workers compute, whatever the camera's rate (at
+    most rate x elapsed + 1.25: models.drift.FrameSampler); every frame is still decided."""
+    camera = {"id": "cam0", "type": "replay", "plc_slot": 0, "path": str(DEMO_SAMPLES),
+              "fps": 60, "loop": True}
+    config = line_yaml(tmp_path, plc.port, demo_package, cameras=[camera],
+                       drift={"sample_hz": 2})
+    launched = time.monotonic()
+    with running_daemon(config, tmp_path) as d:
+        port = d.event("daemon_ready")["http_port"]  # type: ignore[index]
+
+        def observed() -> int:
+            return int(healthz(port)[1]["drift"]["observed_frames"].get("cam0", 0))
+
+        wait_until(lambda: len(plc.records) >= 300 and observed() >= 2, 60,
+                   "300 decisions and 2 sampled frames")
+        seen, elapsed_s = observed(), time.monotonic() - launched
+        assert stop(d) == 0
+    assert 2 <= seen <= 2 * elapsed_s + 1.25, (seen, elapsed_s)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["decided"] == summary["frames"] >= 300

@@ -31,6 +31,7 @@ from models.drift import (
     CameraDrift,
     DriftSettings,
     DriftWatch,
+    FrameSampler,
     FrameStats,
     _bin,
     defect_rate_p_value,
@@ -450,6 +451,49 @@ def test_settings_refuse_what_could_never_work() -> None:
     with pytest.raises(ValidationError, match="extra"):
         DriftSettings.model_validate({"baseline_frame": 10})
     assert DriftSettings(ignore=["score:pit", "score"]).ignore == ["score:pit", "score"]
+    with pytest.raises(ValidationError, match="sample_hz"):
+        DriftSettings(sample_hz=0)
+    assert DriftSettings(sample_hz=None).sample_hz is None
+
+
+def _sampled(sampler: FrameSampler, camera: str, times_ms: list[float]) -> list[float]:
+    return [t for t in times_ms if sampler.due(camera, round(t * 1e6))]
+
+
+def test_sampler_takes_every_second_frame_of_a_jittery_60fps_camera_at_30hz() -> None:
+    rng = random.Random(3)
+    times = [i * 1000 / 60 + rng.uniform(-1.0, 1.0) for i in range(600)]  # 10 s, +-1 ms jitter
+    got = _sampled(FrameSampler(30.0), "cam0", times)
+    assert len(got) == 300, len(got)
+    gaps = np.diff(got)
+    assert gaps.min() > 30.0 and gaps.max() < 36.0, (gaps.min(), gaps.max())
+
+
+@pytest.mark.parametrize("fps", [7.0, 29.0, 45.0, 60.0, 200.0, 1000.0])
+def test_sampler_never_exceeds_its_rate_and_takes_everything_below_it(fps: float) -> None:
+    """n samples span at least (n - 1.25) intervals whatever the frame rate, bursts and gaps
+    included; a camera slower than the rate is sampled whole."""
+    rng = random.Random(int(fps))
+    hz, t, times = 30.0, 0.0, []
+    while t < 20_000:
+        times.append(t)
+        t += rng.expovariate(fps) * 1000  # Poisson arrivals: bursts and idle gaps
+    got = _sampled(FrameSampler(hz), "cam0", times)
+    span_s = (got[-1] - got[0]) / 1000
+    assert len(got) <= span_s * hz + 1.25, (len(got), span_s)
+    if fps <= 7:
+        assert len(got) >= 0.6 * len(times)  # Poisson at 7/s: most gaps are above 1/30 s
+    else:
+        assert len(got) >= 0.5 * min(fps, hz) * 20, len(got)
+
+
+def test_sampler_keeps_cameras_apart_and_none_samples_every_frame() -> None:
+    s = FrameSampler(10.0)
+    times = [i * 10.0 for i in range(100)]  # 100 fps for 1 s
+    a = _sampled(s, "a", times)
+    assert 10 <= len(a) <= 11, a  # the bound: 990 ms span -> at most 11.15
+    assert _sampled(s, "b", times) == a  # its own schedule, not a's
+    assert len(_sampled(FrameSampler(None), "a", times)) == 100
 
 
 def test_disabled_watch_does_nothing(replay: Replay) -> None:
