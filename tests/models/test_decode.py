@@ -88,15 +88,37 @@ def _random_boxes(rng: np.random.Generator, n: int, span: float = 300.0) -> np.n
 
 @pytest.mark.parametrize("iou", [0.3, 0.5, 0.7, 0.9])
 @pytest.mark.parametrize("seed", range(5))
-def test_nms_matches_torchvision(iou: float, seed: int) -> None:
+@pytest.mark.parametrize("n", [40, 400, 1000])  # the IoU-matrix path up to 512, rows above
+def test_nms_matches_torchvision(iou: float, seed: int, n: int) -> None:
     import torch
     import torchvision
 
     rng = np.random.default_rng(seed)
-    boxes = _random_boxes(rng, 400)
-    scores = rng.uniform(0, 1, 400).astype(np.float32)
+    boxes = _random_boxes(rng, n)
+    scores = rng.uniform(0, 1, n).astype(np.float32)
     ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
     np.testing.assert_array_equal(nms(boxes, scores, iou), ref)
+
+
+@pytest.mark.parametrize("max_keep", [None, 1, 7, 50])
+def test_nms_matrix_and_row_paths_agree_on_odd_boxes(
+    monkeypatch: pytest.MonkeyPatch, max_keep: int | None
+) -> None:
+    """Tied scores, duplicate boxes and zero-area boxes (IoU 0/0) give the same kept boxes, in
+    the same order, whichever path runs."""
+    import models.decode as decode
+
+    rng = np.random.default_rng(11)
+    boxes = _random_boxes(rng, 300, span=60.0)
+    boxes[50:60] = boxes[40]  # duplicates
+    boxes[70:80, 2:] = boxes[70:80, :2]  # zero area
+    scores = rng.choice(np.float32([0.3, 0.5, 0.9]), 300)  # ties everywhere
+    with np.errstate(invalid="ignore"):
+        matrix = nms(boxes, scores, 0.5, max_keep)
+        monkeypatch.setattr(decode, "NMS_MATRIX_MAX", 0)
+        rows = nms(boxes, scores, 0.5, max_keep)
+    np.testing.assert_array_equal(matrix, rows)
+    assert matrix.dtype == np.int64 and (max_keep is None or matrix.size <= max_keep)
 
 
 def test_nms_handles_empty_and_single() -> None:
