@@ -127,8 +127,8 @@ def _nms_matrix(
     b: np.ndarray, areas: np.ndarray, thr: np.float64, max_keep: int | None, order: np.ndarray
 ) -> np.ndarray:
     """`nms` on boxes already in score order, every pairwise IoU in one pass: the same float32
-    operations in the same operand order as the row-per-kept-box loop, so the same result, at
-    ~20 us instead of ~7 us per kept box (the demo's 30-40 candidates: 50-90 us)."""
+    operations in the same operand order as the row-per-kept-box loop, so the same result
+    (the demo's 30-40 candidates: 22-26 us instead of 50-94 us; 300: 1.1 ms instead of 2.2)."""
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     zero = np.float32(0)
     w = np.maximum(np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1), zero)
