@@ -180,22 +180,28 @@ async def test_s3_outage_delivers_every_image(tmp_path: Path, s3: Peer) -> None:
     assert meta["content-type"] == "image/png"
 
 
+def log_s3_clients(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every S3 client the forwarder opens and closes, in order ("open", "closed")."""
+    log: list[str] = []
+    real = forwarder_mod.s3_client
+
+    @contextlib.asynccontextmanager
+    async def logged(cfg: Any) -> AsyncIterator[Any]:
+        log.append("open")
+        async with real(cfg) as client:
+            yield client
+        log.append("closed")
+
+    monkeypatch.setattr(forwarder_mod, "s3_client", logged)
+    return log
+
+
 async def test_s3_client_opened_at_startup_is_the_one_that_uploads_then_closed(
     tmp_path: Path, s3: Peer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """open_s3() (called by the daemon before it freezes its heap) makes no network call, and
     the images loop uploads with that very client rather than building a second one."""
-    built: list[str] = []
-    real = forwarder_mod.s3_client
-
-    @contextlib.asynccontextmanager
-    async def counted(cfg: Any) -> AsyncIterator[Any]:
-        built.append("open")
-        async with real(cfg) as client:
-            yield client
-        built.append("closed")
-
-    monkeypatch.setattr(forwarder_mod, "s3_client", counted)
+    built = log_s3_clients(monkeypatch)
     minio(s3).make_bucket(BUCKET)
     spool = Spool(uplink_settings(tmp_path, None, s3), "L1")
     spool.open()
@@ -220,16 +226,7 @@ async def test_s3_client_opened_at_startup_is_the_one_that_uploads_then_closed(
 async def test_s3_client_opened_but_never_used_is_closed_by_aclose(
     tmp_path: Path, s3: Peer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    closed: list[bool] = []
-    real = forwarder_mod.s3_client
-
-    @contextlib.asynccontextmanager
-    async def watched(cfg: Any) -> AsyncIterator[Any]:
-        async with real(cfg) as client:
-            yield client
-        closed.append(True)
-
-    monkeypatch.setattr(forwarder_mod, "s3_client", watched)
+    built = log_s3_clients(monkeypatch)
     spool = Spool(uplink_settings(tmp_path, None, s3), "L1")
     spool.open()
     fwd = Forwarder(spool)
@@ -237,7 +234,7 @@ async def test_s3_client_opened_but_never_used_is_closed_by_aclose(
     await fwd.aclose()  # the daemon stopped before the forwarder's task ever ran
     await fwd.aclose()
     spool.close()
-    assert closed == [True]
+    assert built == ["open", "closed"]  # closed once, by the first aclose()
 
 
 async def test_s3_wrong_secret_is_rejected_and_nothing_marked_sent(
