@@ -302,12 +302,26 @@ def test_unknown_write_later_confirmed_updates_its_event(
     config = line_yaml(tmp_path, plc.port, demo_package)
     with running_daemon(config, tmp_path) as d:
         wait_until(lambda: len(plc.records) >= 10, 30, "frames decided")
-        os.killpg(plc.proc.pid, signal.SIGSTOP)
-        try:
-            wait_until(lambda: d.event("plc_unavailable") is not None, 10, "a write in limbo")
-        finally:
-            os.killpg(plc.proc.pid, signal.SIGCONT)
-        wait_until(lambda: d.event("plc_write_confirmed") is not None, 20, "the read-back")
+
+        def seen(event: str) -> list[dict[str, object]]:
+            return [x for x in d.lines if x.get("event") == event]
+
+        # The write caught by the stall may be the heartbeat (status) instead of a decision
+        # record; only a record has an event to amend, so stall again until a record's was.
+        for _attempt in range(5):
+            stalls, confirmed = len(seen("plc_unavailable")), len(seen("plc_write_confirmed"))
+            os.killpg(plc.proc.pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda n=stalls: len(seen("plc_unavailable")) > n, 10,
+                           "a write in limbo")
+            finally:
+                os.killpg(plc.proc.pid, signal.SIGCONT)
+            wait_until(lambda n=confirmed: len(seen("plc_write_confirmed")) > n, 20,
+                       "the read-back")
+            if any(str(x["write"]).startswith("cam") for x in seen("plc_write_confirmed")):
+                break
+        else:
+            raise AssertionError("5 stalls caught only heartbeat writes")
         assert stop(d) == 0
     with sqlite3.connect(tmp_path / "spool" / "spool.db") as conn:
         events = [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events")]
