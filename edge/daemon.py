@@ -403,6 +403,8 @@ class Daemon:
             settings = settings.model_copy(update={"conf_threshold": lowest})
         p = self.config.pipeline
         log_cfg = (self.config.logging.level, self.config.logging.format)
+        n_workers = workers or p.worker_count(model.intra_op_threads)
+        overlap = p.overlaps(n_workers, model.cpu_threads)
 
         def factory(name: str, on_death: Any, nice: int) -> Worker:
             if p.isolation == "process":
@@ -415,13 +417,14 @@ class Daemon:
                     on_death=on_death,
                     nice=nice,
                     no_preempt=p.worker_no_preempt,
+                    overlap=overlap,
                 )
             return ThreadWorker(name, lambda: load_detector(settings), by_recipe, on_death=on_death)
 
         pool = InferencePool(
             f"{role}:{package.manifest.name}-{package.manifest.version}",
             factory,
-            workers=workers or p.worker_count(model.intra_op_threads),
+            workers=n_workers,
             depth=p.worker_depth,
             hang_s=p.model_hang_s,
             error_threshold=p.model_error_threshold,

@@ -126,6 +126,15 @@ class ModelSettings(BaseModel):
         return self.onnxruntime.intra_op_threads
 
     @property
+    def cpu_threads(self) -> int:
+        """CPU threads one detector's network runs on (0: it runs on a GPU)."""
+        if self.runtime == "tensorrt":
+            return 0
+        if self.runtime == "openvino":
+            return self.openvino.threads if self.openvino.device.upper() == "CPU" else 0
+        return self.onnxruntime.intra_op_threads
+
+    @property
     def inter_op_threads(self) -> int:
         return self.onnxruntime.inter_op_threads
 

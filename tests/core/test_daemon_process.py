@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from edge.pipeline import usable_cpus
 from plc.record import Verdict
 from tests.core.conftest import DEMO_SAMPLES, ROOT, PlcProcess, mbpoll_record
 from tests.core.harness import (
@@ -308,6 +309,8 @@ def test_inference_process_hang_or_crash_fails_safe_and_recovers(
     real = (int(Verdict.OK), int(Verdict.DEFECT))
     with running_daemon(config, tmp_path) as d:
         wait_until(lambda: any(v in real for *_, v in plc.records), 30, "first real verdict")
+        ready = d.event("inference_process_ready")
+        assert ready is not None and ready["overlap"] is (usable_cpus() > 1), ready
         (worker,) = inference_children(d.proc.pid)
         os.kill(worker, signal.SIGSTOP if fault == "hang" else signal.SIGKILL)
         n = len(plc.records)

@@ -19,7 +19,9 @@ from models.package import load_package
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling only")
 
 
-def _worker(demo_package: Path, slots: int, no_preempt: bool) -> ProcessWorker:
+def _worker(
+    demo_package: Path, slots: int, no_preempt: bool, overlap: bool = False
+) -> ProcessWorker:
     classes = load_package(demo_package).manifest.classes
     return ProcessWorker(
         "t0",
@@ -29,6 +31,7 @@ def _worker(demo_package: Path, slots: int, no_preempt: bool) -> ProcessWorker:
         logging_cfg=("warning", "json"),
         on_death=lambda _w, _why: None,
         no_preempt=no_preempt,
+        overlap=overlap,
     )
 
 
@@ -56,8 +59,9 @@ def test_worker_runs_under_sched_batch_unless_told_otherwise(
     assert policy == (os.SCHED_BATCH if no_preempt else os.SCHED_OTHER)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 def test_statistics_of_back_to_back_batches_all_arrive_after_their_verdicts(
-    demo_package: Path,
+    demo_package: Path, overlap: bool
 ) -> None:
     """More batches in flight than the statistics backlog: under load the worker computes one
     per batch served and the rest once the pipe is quiet; none is lost, none comes before its
@@ -67,7 +71,7 @@ def test_statistics_of_back_to_back_batches_all_arrive_after_their_verdicts(
     marked = [i for i in range(batches) if i % 3]
 
     async def main() -> tuple[set[int], list[StatsItem], list[str]]:
-        w = _worker(demo_package, slots=batches, no_preempt=True)
+        w = _worker(demo_package, slots=batches, no_preempt=True, overlap=overlap)
         await w.start(60)
         answered: set[int] = set()
         stats: list[StatsItem] = []
