@@ -9,6 +9,9 @@ batch or a dead worker is noticed without a thread hop, and nothing blocks the l
 Frames travel through shared memory (edge/shm.py); decisions come back without their masks (the
 area inside the ROI was already computed in the worker; events and the operator page only need
 the outlines), so a result is a few KB whatever the frame size.
+
+Inside a worker process the network can run in a thread of its own (`WorkerLoop`, overlap), so
+that preprocess, decode and the pipe never keep it waiting.
 """
 
 from __future__ import annotations
@@ -247,6 +250,8 @@ def _child_main(
     gcpause.settle()  # a full collection here would hold a frame's verdict back by tens of ms
     conn.send(("ready", None, detector.info))
     reader = SlotReader()
+    if overlap:  # process-wide, so set here rather than by the loop (tests run it in threads)
+        sys.setswitchinterval(WorkerLoop.SWITCH_INTERVAL_S)
     worker = WorkerLoop(conn, detector, rules, overlap=overlap)
     try:
         worker.serve(reader)
@@ -266,9 +271,9 @@ class WorkerLoop:
 
     Why threads are safe here: ``session.run`` (and TensorRT's and OpenVINO's calls) release the
     GIL for the whole network, every runtime returns outputs of its own, and only this thread
-    decodes. The switch interval is cut from 5 ms to 0.2 ms: the network finishing while this
-    thread ran pure Python otherwise waited up to 5 ms for the GIL (session.run p50 9.5 ms beside
-    a Python loop, 4.0 ms alone; 4.1 ms at 0.2 ms)."""
+    decodes. The worker process cuts the switch interval from 5 ms to 0.2 ms: the network finishing
+    while this thread ran pure Python otherwise waited up to 5 ms for the GIL (session.run p50
+    9.5 ms beside a Python loop, 4.0 ms alone; 4.1 ms at 0.2 ms)."""
 
     SWITCH_INTERVAL_S = 0.0002
 
@@ -292,7 +297,6 @@ class WorkerLoop:
         os.set_blocking(self._wake_r, False)
         self._thread: threading.Thread | None = None
         if overlap:
-            sys.setswitchinterval(self.SWITCH_INTERVAL_S)
             self._thread = threading.Thread(target=self._infer_loop, name="infer", daemon=True)
             self._thread.start()
 

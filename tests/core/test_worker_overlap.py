@@ -113,16 +113,20 @@ def _answers(conn: Any, n: int) -> list[tuple[str, int | None, Any]]:
     return out
 
 
-def test_overlapped_worker_preprocesses_the_next_batch_while_one_is_in_the_network() -> None:
-    det = StepDetector(hold_first=True)
+def _two_batches(det: StepDetector, overlap: bool) -> list[tuple[str, int | None, Any]]:
     slots = SlotPool(4)
     try:
-        with _serving(det, overlap=True) as conn:
+        with _serving(det, overlap=overlap) as conn:
             _send(conn, slots, 1, [1])
             _send(conn, slots, 2, [2])
-            answers = _answers(conn, 2)
+            return _answers(conn, 2)
     finally:
         slots.close()
+
+
+def test_overlapped_worker_preprocesses_the_next_batch_while_one_is_in_the_network() -> None:
+    det = StepDetector(hold_first=True)
+    answers = _two_batches(det, overlap=True)
     assert det.first_saw_second_staged is True, det.steps
     assert det.steps.index(("pre", 2)) < det.steps.index(("infer", 1))
     assert [(kind, bid) for kind, bid, _ in answers] == [("ok", 1), ("ok", 2)]
@@ -130,14 +134,7 @@ def test_overlapped_worker_preprocesses_the_next_batch_while_one_is_in_the_netwo
 
 def test_serial_worker_takes_each_batch_through_in_turn() -> None:
     det = StepDetector()
-    slots = SlotPool(4)
-    try:
-        with _serving(det, overlap=False) as conn:
-            _send(conn, slots, 1, [1])
-            _send(conn, slots, 2, [2])
-            answers = _answers(conn, 2)
-    finally:
-        slots.close()
+    answers = _two_batches(det, overlap=False)
     assert det.steps == [("pre", 1), ("infer", 1), ("pre", 2), ("infer", 2)]
     assert [(kind, bid) for kind, bid, _ in answers] == [("ok", 1), ("ok", 2)]
 
