@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -463,25 +464,34 @@ class FrameSampler:
     """Which frames the drift statistics are computed on: on average at most ``hz`` a second
     per camera (see DriftSettings.sample_hz), decided on the loop in O(1) at dispatch.
 
-    Each sample sets the next one's nominal time one interval after its own nominal time, or
-    after itself if it came late; a frame up to a quarter interval early still counts. So a
-    60 fps camera at 30 Hz gives every second frame despite capture jitter (a plain "interval
-    since the last sample" drops to every third whenever a frame comes a hair early), and n
-    samples never span less than (n - 1.25) intervals. Sampling by time is blind to content and
-    verdict, so the sampled defect rate is the line's."""
+    One sample per nominal interval: each sample's nominal time is one interval after the
+    previous one's (or half an interval after the previous sample, if that came late), and
+    the frame taken for it is the first at or after the nominal time plus a random offset of
+    up to half an interval either way. So n samples never span less than (n - 2) intervals,
+    and a camera slower than the rate is sampled whole.
 
-    def __init__(self, hz: float | None) -> None:
+    The offset keeps the rate but not the phase. Without it (a fixed schedule), a 60 fps
+    camera at 30 Hz gave exactly every second frame: where parts repeat with an even period (a
+    rotary table with 12 nests, the demo's 12-image replay), half of them were never sampled,
+    and each time a late frame flipped the phase the window saw the other half, a false drift
+    alarm (the soak raised one per fault round). With it every frame is equally likely to be
+    sampled, whatever the period, so the sampled defect rate is the line's."""
+
+    def __init__(self, hz: float | None, rng: random.Random | None = None) -> None:
         self._interval_ns = round(1e9 / hz) if hz else 0
-        self._next: dict[str, int] = {}
+        self._state: dict[str, tuple[int, int]] = {}
+        """Per camera: (nominal time, due time) of its next sample."""
+        self._rng = rng or random.Random()
 
     def due(self, camera: str, now_ns: int) -> bool:
         iv = self._interval_ns
         if not iv:
             return True
-        nxt = self._next.get(camera)
-        if nxt is not None and now_ns < nxt - iv // 4:
+        state = self._state.get(camera)
+        if state is not None and now_ns < state[1]:
             return False
-        self._next[camera] = (now_ns if nxt is None else max(nxt, now_ns)) + iv
+        nominal = now_ns + iv if state is None else max(state[0] + iv, now_ns + iv // 2)
+        self._state[camera] = (nominal, nominal + round(self._rng.uniform(-0.5, 0.5) * iv))
         return True
 
 

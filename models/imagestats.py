@@ -74,7 +74,11 @@ class ImageStats:
 
 
 def downscaled_gray(image: np.ndarray, side: int = STATS_SIDE) -> np.ndarray:
-    """uint8 grayscale copy with the longest side <= ``side`` (never upscaled)."""
+    """uint8 grayscale copy with the longest side <= ``side`` (never upscaled).
+
+    Always a copy, never a view of ``image``: the inference worker takes it from a frame in
+    shared memory and computes the statistics after the verdict went back, when the daemon may
+    already have written the next frame (of any camera) into that memory."""
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         gray = cv2.cvtColor(image, code) if image.shape[2] in (3, 4) else image[:, :, 0]
@@ -89,6 +93,8 @@ def downscaled_gray(image: np.ndarray, side: int = STATS_SIDE) -> np.ndarray:
         gray = cv2.resize(
             gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA
         )
+    if np.may_share_memory(gray, image):  # a small Mono8 frame comes through untouched
+        return gray.copy()
     return np.ascontiguousarray(gray)
 
 

@@ -58,6 +58,20 @@ def test_focus_is_calibrates_measure_and_falls_with_blur() -> None:
     assert image_stats(blurred).focus < image_stats(sharp).focus / 10
 
 
+@pytest.mark.parametrize(
+    "shape", [(200, 240), (200, 240, 1), (200, 240, 3), (600, 800), (600, 800, 3)]
+)
+def test_downscaled_gray_never_shares_the_frames_memory(shape: tuple[int, ...]) -> None:
+    """The worker computes statistics from this copy after the verdict went back, when the
+    frame's shared memory may already hold the next frame: overwriting the frame must not
+    change it (a small Mono8 frame used to come back as the frame itself)."""
+    frame = np.full(shape, 40, np.uint8)
+    gray = downscaled_gray(frame)
+    before = gray.copy()
+    frame[...] = 200
+    assert np.array_equal(gray, before)
+
+
 def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift() -> None:
     rng = np.random.default_rng(1)
     a, b, c = (Histogram(BRIGHTNESS_EDGES) for _ in range(3))
