@@ -39,6 +39,7 @@ import numpy as np
 import typer
 
 from edge.config import DEMO_CONFIG, LineConfig, load_config
+from edge.pipeline import usable_cpus
 from edge.stats import percentiles
 
 
@@ -428,7 +429,7 @@ def bench_command(
             "platform": platform.platform(),
             "processor": platform.processor(),
             "python": platform.python_version(),
-            "cpus": _cpu_count(),
+            "cpus": usable_cpus(),
             "load_avg": os.getloadavg(),
         },
         "config": {
@@ -530,7 +531,3 @@ def format_bench(r: dict[str, Any]) -> str:
         + (" (bare paced like the daemon)" if "paced_like_the_daemon" in r["bare"] else "")
     )
     return "\n".join(lines)
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
