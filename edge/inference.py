@@ -69,6 +69,10 @@ class BatchOutput:
     stats_later: list[tuple[str, np.ndarray, list[Detection], bool]] | None = None
     """What the drift statistics are computed from AFTER the verdicts went back (camera,
     downscaled gray copy, detections, defect); never pickled (see `drift_stats`)."""
+    received_ns: int = 0
+    """`time.monotonic_ns()` (one clock for every process of the box) when a worker process
+    received the batch, and when it sent the answer: they split the hop into its two legs."""
+    answered_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,7 @@ class StagedBatch:
     preprocess_ns: int
     outputs: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
     infer_ns: int = 0
+    received_ns: int = 0
 
 
 def stage_batch(detector: Detector, items: Sequence[BatchItem]) -> StagedBatch:
@@ -336,13 +341,13 @@ class WorkerLoop:
                 if msg is None:
                     self._drain()
                     return
-                self._stage(reader, msg)
+                self._stage(reader, msg, time.monotonic_ns())
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
                 self._finish_done()
 
-    def _stage(self, reader: SlotReader, msg: tuple[Any, ...]) -> None:
+    def _stage(self, reader: SlotReader, msg: tuple[Any, ...], received_ns: int) -> None:
         batch_id, refs, cameras, recipes, masks, stats = msg
         try:
             items = [
@@ -350,6 +355,7 @@ class WorkerLoop:
                 for ref, cam, recipe, want in zip(refs, cameras, recipes, stats, strict=True)
             ]
             batch = stage_batch(self._detector, items)
+            batch.received_ns = received_ns
         except Exception as exc:  # one bad batch is one set of fail-safes, not a dead worker
             self._conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))
             return
@@ -367,6 +373,8 @@ class WorkerLoop:
                     raise err
                 out = finish_batch(self._detector, self._rules, batch, masks)
                 later, out.stats_later = out.stats_later, None
+                out.received_ns = batch.received_ns
+                out.answered_ns = time.monotonic_ns()
                 self._conn.send(("ok", batch_id, out))
             except Exception as exc:  # one bad batch is one set of fail-safes
                 self._conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))

@@ -514,10 +514,14 @@ class Pipeline:
             return
         out = fut.result()
         self.metrics.batch_size.observe(len(batch))
-        ipc_ms = max(0.0, (self._clock_ns() - sent_ns - out.compute_ns) / _MS)
+        now = self._clock_ns()
+        hop: dict[str, float] = {"ipc": max(0.0, (now - sent_ns - out.compute_ns) / _MS)}
+        if out.answered_ns:  # a worker process: the hop's two legs and the wait inside
+            hop["ipc_to_worker"] = (out.received_ns - sent_ns) / _MS
+            hop["ipc_from_worker"] = (now - out.answered_ns) / _MS
         for job, decision in zip(batch, out.decisions, strict=True):
             job.stages_ms.update(out.stages_ms)
-            job.stages_ms["ipc"] = ipc_ms
+            job.stages_ms.update(hop)
             job.decision = decision
             if job.claimed:
                 self.metrics.late_results.labels(job.frame.camera_id).inc()

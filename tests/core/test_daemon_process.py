@@ -230,7 +230,8 @@ def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None
         report = json.loads((out / "bench.json").read_text())
         s = report["summary"]
         assert s["decided"] == s["frames"] > 20
-        assert {"queue", "preprocess", "infer", "postprocess", "plc"} <= set(s["stages_ms"])
+        assert {"queue", "preprocess", "infer", "postprocess", "plc", "ipc", "ipc_to_worker",
+                "ipc_from_worker"} <= set(s["stages_ms"])
         bare = report["bare"]
         assert bare["one_caller_all_threads"]["runs"] > 0
         assert bare["one_caller_per_worker"]["callers"] == report["config"]["workers"]

@@ -128,3 +128,33 @@ def test_decisions_come_back_without_masks_whether_or_not_they_were_decoded(
     assert any(d.counted for d in with_masks), "the demo samples should hold detections"
     assert with_masks == without
     assert all(x.mask is None for d in with_masks for x in d.counted)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_hop_is_stamped_at_both_ends_on_the_clock_every_process_shares(
+    demo_package: Path, overlap: bool
+) -> None:
+    """The pipeline splits the worker hop into its two legs (``ipc_to_worker``,
+    ``ipc_from_worker``) from the worker's receive and answer times: they must lie between the
+    daemon's send and its receipt, with the worker's own compute time between them."""
+    import time
+
+    frames = _frames(demo_package)
+
+    async def main() -> list[tuple[int, int, int, int, int]]:
+        w = _worker(demo_package, slots=2, no_preempt=True, overlap=overlap)
+        await w.start(60)
+        seen = []
+        try:
+            for f in frames:
+                sent = time.monotonic_ns()
+                out = await asyncio.wait_for(w.send([BatchItem(f, "cam0")], masks=True), 30)
+                seen.append((sent, out.received_ns, out.answered_ns, time.monotonic_ns(),
+                             out.compute_ns))
+        finally:
+            await w.close()
+        return seen
+
+    for sent, received, answered, back, compute in asyncio.run(main()):
+        assert sent < received < answered < back
+        assert answered - received >= compute > 0
