@@ -3,7 +3,9 @@
 It answers what a line owner asks before buying a box: how many parts per second this box
 decides within budget, how much latency the daemon adds on top of the model, and whether the
 daemon beats the twenty-line loop a plant engineer would write instead. So one run measures, on
-the same model, the same images and a real Modbus server (the PLC simulator in its own process):
+the same model, the same images and a real Modbus server in its own process (`--plc`: by default
+the native libmodbus server, so that the PLC's own response does not count as the box's time;
+`--plc sim` the project's Python simulator, ~0.2-0.3 ms slower per write at p50 on 2 vCPUs):
 
 * the daemon: replay cameras -> inference workers -> Modbus TCP -> spool, either paced at
   `--rate` fps per camera (latency) or **closed loop** (`--closed-loop`: each decision triggers
@@ -102,19 +104,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+PLC_PEERS = ("auto", "native", "sim")
+
+
+def resolve_plc_peer(choice: str, build_dir: Path) -> tuple[str, Path | None]:
+    """("native", binary) or ("sim", None). `auto` takes the native server where it builds."""
+    from plc import native_peer
+
+    if choice == "sim":
+        return "sim", None
+    try:
+        return "native", native_peer.build(build_dir)
+    except native_peer.PeerUnavailable as exc:
+        if choice == "native":
+            raise
+        typer.echo(f"PLC: the Python simulator (no native server: {exc})")
+        return "sim", None
+
+
 @contextlib.contextmanager
-def plc_process(slots: int) -> Iterator[int]:
-    """`python -m plc.sim` on a free port; yields the port, stops the process by its PID."""
+def plc_process(slots: int, native: Path | None = None) -> Iterator[int]:
+    """A PLC on a free port, in a process of its own, stopped by its PID: the native Modbus
+    server (plc/native_peer.py) or `python -m plc.sim`. Yields the port."""
     port = _free_port()
+    cmd = (
+        [str(native), str(port)]
+        if native is not None
+        else [sys.executable, "-m", "plc.sim", "--port", str(port), "--camera-slots", str(slots)]
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "plc.sim", "--port", str(port), "--camera-slots", str(slots)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode()
         if not line.startswith("READY"):
-            raise RuntimeError(f"PLC simulator did not start: {line!r}")
+            raise RuntimeError(f"PLC peer did not start: {line!r}")
         yield port
     finally:
         proc.terminate()
@@ -342,6 +367,14 @@ def bench_command(
     peer: Annotated[
         list[str] | None, typer.Option(help="Also run a comparison peer: 'naive' (train extra).")
     ] = None,
+    plc: Annotated[
+        str,
+        typer.Option(
+            help="The PLC the daemon (and the naive loop) write to: 'native' (libmodbus, C), "
+            "'sim' (the project's Python simulator) or 'auto' (native where gcc and "
+            "libmodbus-dev are installed)."
+        ),
+    ] = "auto",
     out: Annotated[Path, typer.Option(help="Folder for bench.json and bench-cdf.png.")] = Path(
         "bench-out"
     ),
@@ -363,12 +396,19 @@ def bench_command(
     if workers is not None:
         n_workers = None if workers == "auto" else int(workers)
     with_naive = bool(peer and "naive" in peer)
-    with (
-        tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp,
-        plc_process(cameras) as port,
+    if plc not in PLC_PEERS:
+        typer.echo(f"--plc must be one of {', '.join(PLC_PEERS)}, not {plc!r}", err=True)
+        raise typer.Exit(2)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-bench-"))
+        try:
+            plc_peer, native = resolve_plc_peer(plc, Path(tmp))
+        except RuntimeError as exc:
+            typer.echo(f"--plc native: {exc}; or use --plc sim", err=True)
+            raise typer.Exit(2) from None
+        port = stack.enter_context(plc_process(cameras, native))
         # The naive loop writes to a PLC of its own: the daemon's sees only the daemon's records.
-        plc_process(1) if with_naive else contextlib.nullcontext(0) as naive_port,
-    ):
+        naive_port = stack.enter_context(plc_process(1, native)) if with_naive else 0
         cfg = bench_config(base, rate, cameras, Path(tmp) / "spool", port, closed_loop,
                            n_workers, intra_op_threads, images)
         if workers == "auto":
@@ -442,6 +482,7 @@ def bench_command(
             "intra_op_threads": threads,
             "max_batch": p.max_batch,
             "budget_ms": p.budget_ms,
+            "plc_peer": plc_peer,
         },
         "offered_fps": None if closed_loop else rate * cameras,
         "decided_per_s": s["decided"] / duration,
@@ -491,7 +532,8 @@ def format_bench(r: dict[str, Any]) -> str:
     e2e = s["end_to_end_ms"]
     lines = [
         f"{c['mode']}: {c['workers']} worker(s) x {c['intra_op_threads']} thread(s), "
-        f"{r['machine']['cpus']} CPU(s), load {r['machine']['load_avg'][0]:.1f}",
+        f"{r['machine']['cpus']} CPU(s), load {r['machine']['load_avg'][0]:.1f}, "
+        f"PLC {c['plc_peer']}",
         f"daemon: {r['decided_per_s']:.1f} decided/s, {r['real_verdicts_per_s']:.1f} real "
         f"verdicts/s; fail-safes {s['failsafes'] or 'none'}; deadline misses "
         f"{s['deadline_misses']}",

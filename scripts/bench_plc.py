@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from plc import native_peer  # noqa: E402
 from plc.config import ModbusSettings, OpcUaSettings, S7Settings  # noqa: E402
 from plc.factory import create_link  # noqa: E402
 from plc.linkbase import ReconnectingLink  # noqa: E402
@@ -196,13 +197,6 @@ async def bench_peer(name: str, peer: Peer, make_settings: Callable[[int], Any],
     }
 
 
-def build_libmodbus(tmp: Path) -> Path:
-    exe = tmp / "libmodbus_server"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(PEERS / "libmodbus_server.c"),
-                    "-I/usr/include/modbus", "-lmodbus"], check=True)
-    return exe
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--writes", type=int, default=2000)
@@ -217,7 +211,7 @@ async def main() -> None:
     peers: list[tuple[str, Peer, Callable[[int], Any], int]] = [
         ("modbus-sim", Peer(lambda p: [py, "-m", "plc.sim", "--port", str(p)]),
          lambda p: ModbusSettings(port=p), a.writes),
-        ("modbus-libmodbus", Peer(lambda p: [str(build_libmodbus(tmp)), str(p)]),
+        ("modbus-libmodbus", Peer(lambda p: [str(native_peer.build(tmp)), str(p)]),
          lambda p: ModbusSettings(port=p), a.writes),
         ("modbus-pymodbustcp", Peer(lambda p: [py, str(PEERS / "pymodbustcp_server.py"), str(p)],
                                     "line"), lambda p: ModbusSettings(port=p), a.writes),

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from plc import native_peer
 from plc.config import ModbusSettings
 from plc.sim import ModbusPlcSimulator
 from tests.plc.plcpeers import (
     NATIVE_SNAP7_PY,
-    PEERS,
     ROOT,
     OpcUaPeer,
     Peer,
@@ -57,14 +56,7 @@ def sim_process(tmp_path: Path) -> Iterator[Peer]:
 
 @pytest.fixture(scope="session")
 def libmodbus_server_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("libmodbus") / "libmodbus_server"
-    subprocess.run(
-        ["gcc", "-O1", "-o", str(out), str(PEERS / "libmodbus_server.c"),
-         "-I/usr/include/modbus", "-lmodbus"],
-        check=True,
-        capture_output=True,
-    )
-    return out
+    return native_peer.build(tmp_path_factory.mktemp("libmodbus"))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-/* An independent Modbus TCP server (libmodbus, C) for the PLC link tests.
+/* An independent Modbus TCP server (libmodbus, C): the PLC of edge bench and of the PLC link tests
+ * (plc/native_peer.py builds it).
  * usage: libmodbus_server PORT ; prints "READY" once listening; serves one client at a time,
  * accepts the next one when a client goes away; 8192 holding registers from address 0. */
 #include <errno.h>
