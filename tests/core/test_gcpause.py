@@ -32,7 +32,10 @@ def unfrozen() -> Iterator[None]:
 def test_settle_freezes_what_lives_and_release_hands_it_back() -> None:
     before = _Node()
     frozen = gcpause.settle()
-    assert frozen == gc.get_freeze_count() > 1000  # this interpreter's modules, classes, ...
+    assert frozen > 1000  # this interpreter's modules, classes, ...
+    # Reference counting still frees frozen objects (another thread's, between the two calls):
+    # the count may only go down. A fresh CI clone saw 205,118 then 205,093.
+    assert 0 < gc.get_freeze_count() <= frozen
     assert not _tracked(before)
     after = _Node()
     assert _tracked(after)  # only what was made after settle() is walked
