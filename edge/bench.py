@@ -17,9 +17,7 @@ the native libmodbus server, so that the PLC's own response does not count as th
 
 Ratios come from this one run, never from another day's table. The references (bare and naive)
 run in two halves, before and after the daemon phase, so that a VM's drift over the run lands on
-both sides of the ratio; each half is reported. With `--rounds N` the daemon's time is split
-into N phases (a fresh daemon each, one set of counters) with a bare segment before, between and
-after them: a slow spell of the VM during one phase then meets a bare segment next to it.
+both sides of the ratio; each half is reported.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ import typer
 
 from edge.config import DEMO_CONFIG, LineConfig, load_config
 from edge.pipeline import usable_cpus
-from edge.stats import RunStats, percentiles
+from edge.stats import percentiles
 
 
 def bench_config(
@@ -226,30 +224,23 @@ def bare_session_run(
             "latency_ms": percentiles(flat), "samples": flat[:SAMPLES_KEPT]}
 
 
-def bracket(segments: list[dict[str, Any]]) -> dict[str, Any]:
-    """One bare figure from its segments, run before, between (``--rounds``) and after the
-    daemon's phases.
+def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One bare figure from its halves run before and after the daemon phase.
 
     A shared VM's speed drifts by 10-15 % over a minute; measured only after the daemon, the bare
-    reference carried that drift into every ratio. Segments on both sides bracket each daemon
-    phase, and the drift from the first to the last is reported, so a reader can see how far to
-    trust a ratio."""
-    first, last = segments[0], segments[-1]
-    runs, wall = sum(g["runs"] for g in segments), sum(g["wall_s"] for g in segments)
-    samples = [x for g in segments for x in g["samples"]]
-    return {**first, "runs": runs, "wall_s": wall, "runs_per_s": runs / wall,
+    reference carried that drift into every ratio. Halves on both sides bracket the daemon phase,
+    and the drift between them is reported, so a reader can see how far to trust a ratio."""
+    runs, wall = before["runs"] + after["runs"], before["wall_s"] + after["wall_s"]
+    samples = before["samples"] + after["samples"]
+    return {**before, "runs": runs, "wall_s": wall, "runs_per_s": runs / wall,
             "latency_ms": percentiles(samples), "samples": samples[:SAMPLES_KEPT],
-            "before_runs_per_s": first["runs_per_s"], "after_runs_per_s": last["runs_per_s"],
-            "segments_runs_per_s": [g["runs_per_s"] for g in segments],
-            "drift": last["runs_per_s"] / first["runs_per_s"] - 1 if first["runs_per_s"]
+            "before_runs_per_s": before["runs_per_s"], "after_runs_per_s": after["runs_per_s"],
+            "drift": after["runs_per_s"] / before["runs_per_s"] - 1 if before["runs_per_s"]
             else None}
 
 
-def run_daemon_phase(
-    cfg: LineConfig, duration_s: float, closed_loop: bool, stats: RunStats | None = None
-) -> tuple[Any, Any]:
-    """The real daemon for `duration_s`; closed loop: each decision triggers the next frame.
-    Its counters go into `stats` where given (rounds of one bench share them)."""
+def run_daemon_phase(cfg: LineConfig, duration_s: float, closed_loop: bool) -> tuple[Any, Any]:
+    """The real daemon for `duration_s`; closed loop: each decision triggers the next frame."""
     from edge.daemon import Daemon, ExitCode, run_daemon
     from edge.pipeline import DecidedPart
 
@@ -280,8 +271,7 @@ def run_daemon_phase(
             prime()
 
         hooks.append(attach)
-    code, daemon = run_daemon(cfg, None, duration_s, status_line=False, ready_hooks=hooks,
-                              stats=stats)
+    code, daemon = run_daemon(cfg, None, duration_s, status_line=False, ready_hooks=hooks)
     if code is not ExitCode.OK:
         raise typer.Exit(int(code))
     return code, daemon
@@ -385,14 +375,6 @@ def bench_command(
             "libmodbus-dev are installed)."
         ),
     ] = "auto",
-    rounds: Annotated[
-        int,
-        typer.Option(
-            min=1, max=20,
-            help="Split the daemon's time into this many phases, each between two bare "
-            "segments, so that the VM's drift during the run lands on both sides.",
-        ),
-    ] = 1,
     out: Annotated[Path, typer.Option(help="Folder for bench.json and bench-cdf.png.")] = Path(
         "bench-out"
     ),
@@ -440,9 +422,7 @@ def bench_command(
                    f"model {cfg.model.package.name})")
         folder = cfg.cameras[0].path  # type: ignore[union-attr]
         imgs = load_sample_images(folder)
-        # The bare references get half the daemon's time, in rounds + 1 segments around its
-        # phases (one phase: a quarter before and a quarter after).
-        seg = max(2.5, duration / (2 * (rounds + 1)))
+        half = max(2.5, duration / 4)
         kinds: dict[str, tuple[int, int, float | None]] = {
             "one_caller_all_threads": (1, n * threads, None),
             "one_caller_per_worker": (n, threads, None),
@@ -455,14 +435,12 @@ def bench_command(
             for shape in kinds.values():  # 1 worker: "all threads" and "per worker" are one run
                 if shape not in done:
                     callers, th, hz = shape
-                    done[shape] = bare_session_run(cfg, imgs, seg, callers, th, rate_hz=hz)
+                    done[shape] = bare_session_run(cfg, imgs, half, callers, th, rate_hz=hz)
             return {k: done[shape] for k, shape in kinds.items()}
 
-        where = "before and after the daemon" if rounds == 1 else (
-            f"before, between and after the daemon's {rounds} phases of {duration / rounds:g}s")
-        typer.echo(f"bare session.run: {seg:g}s each, {where}")
+        typer.echo(f"bare session.run: {half:g}s each, before and after the daemon")
         try:
-            segments = [bare_phase()]
+            before = bare_phase()
         except Exception as exc:  # the daemon phase would only fail-safe: say why here
             typer.echo(f"no benchmark: the model did not work ({exc})", err=True)
             raise typer.Exit(3) from None
@@ -471,19 +449,17 @@ def bench_command(
             typer.echo(f"naive peer (ultralytics + pymodbus): {duration / 2:g}s before and after")
             naive_run = functools.partial(naive_peer, cfg, folder, naive_port, duration / 2, out)
         naive_before = naive_run("before") if naive_run else None
-        stats, wall = RunStats(), 0.0
-        for _ in range(rounds):
-            t0 = time.monotonic()
-            _code, daemon = run_daemon_phase(cfg, duration / rounds, closed_loop, stats)
-            wall += time.monotonic() - t0
-            model = daemon.components.get("model")
-            if model is None or not model.up:
-                typer.echo(f"no benchmark: the model did not work "
-                           f"({model.detail if model else '?'})", err=True)
-                raise typer.Exit(3)
-            segments.append(bare_phase())
-        s = stats.summary()
-        bare = {k: bracket([g[k] for g in segments]) for k in kinds}
+        t0 = time.monotonic()
+        _code, daemon = run_daemon_phase(cfg, duration, closed_loop)
+        wall = time.monotonic() - t0
+        model = daemon.components.get("model")
+        if model is None or not model.up:
+            typer.echo(f"no benchmark: the model did not work ({model.detail if model else '?'})",
+                       err=True)
+            raise typer.Exit(3)
+        s = daemon.stats.summary()
+        after = bare_phase()
+        bare = {k: bracket(before[k], after[k]) for k in kinds}
         naive = bracket_naive(naive_before, naive_run("after")) if naive_run else None
     hint.stop()
     real = s["verdicts"].get("OK", 0) + s["verdicts"].get("DEFECT", 0)
@@ -507,7 +483,6 @@ def bench_command(
             "max_batch": p.max_batch,
             "budget_ms": p.budget_ms,
             "plc_peer": plc_peer,
-            "rounds": rounds,
         },
         "offered_fps": None if closed_loop else rate * cameras,
         "decided_per_s": s["decided"] / duration,
@@ -522,8 +497,8 @@ def bench_command(
     write_cdf_png(
         out / "bench-cdf.png",
         {
-            "end-to-end (capture->PLC ack)": stats.e2e_ms.cdf(),
-            "infer stage in daemon": stats.stages_ms["infer"].cdf(),
+            "end-to-end (capture->PLC ack)": daemon.stats.e2e_ms.cdf(),
+            "infer stage in daemon": daemon.stats.stages_ms["infer"].cdf(),
             "bare session.run (one caller)": _sample_cdf(
                 bare["one_caller_per_worker"]["samples"]
             ),

@@ -125,14 +125,11 @@ class ActiveModel:
 
 
 class Daemon:
-    def __init__(
-        self, config: LineConfig, config_path: Path | None = None, stats: RunStats | None = None
-    ) -> None:
+    def __init__(self, config: LineConfig, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.metrics = Metrics()
-        self.stats = RunStats() if stats is None else stats
-        """This run's counters; `edge bench --rounds` passes one to each round's daemon."""
+        self.stats = RunStats()
         self.notifier = Notifier()
         self.supervisor = Supervisor()
         self.components: dict[str, ComponentState] = {}
@@ -1102,10 +1099,9 @@ def run_daemon(
     duration_s: float | None,
     status_line: bool,
     ready_hooks: Sequence[Callable[[Daemon], None]] = (),
-    stats: RunStats | None = None,
 ) -> tuple[ExitCode, Daemon]:
     """Run a daemon to completion in a fresh event loop; the daemon is returned for its stats."""
-    daemon = Daemon(config, config_path, stats)
+    daemon = Daemon(config, config_path)
     daemon.ready_hooks.extend(ready_hooks)
     try:
         code = asyncio.run(daemon.run(duration_s, status_line))

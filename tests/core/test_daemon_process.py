@@ -219,10 +219,10 @@ def test_sighup_applies_safe_changes_and_survives_a_broken_config(
 
 def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None:
     """`edge bench` runs the daemon (paced and closed loop) beside bare session.run and, closed
-    loop, the naive loop; the references are measured before, between (--rounds) and after the
-    daemon's phases. The PLC is the native libmodbus server by default (scripts/setup.sh
-    installs gcc and libmodbus-dev), the project's Python simulator on request."""
-    for mode in (["--rate", "30", "--plc", "sim", "--rounds", "2"],
+    loop, the naive loop; the references are measured before and after the daemon. The PLC is
+    the native libmodbus server by default (scripts/setup.sh installs gcc and libmodbus-dev),
+    the project's Python simulator on request."""
+    for mode in (["--rate", "30", "--plc", "sim"],
                  ["--closed-loop", "--workers", "2", "--peer", "naive"]):
         out = tmp_path / mode[0].strip("-")
         r = subprocess.run(
@@ -244,12 +244,6 @@ def test_bench_writes_report_and_cdf(tmp_path: Path, demo_package: Path) -> None
         assert (out / "bench-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "ratios: daemon/bare" in r.stdout
         assert report["config"]["plc_peer"] == ("sim" if "sim" in mode else "native")
-        rounds = report["config"]["rounds"]
-        assert rounds == (2 if "--rounds" in mode else 1)
-        assert all(len(b["segments_runs_per_s"]) == rounds + 1 for b in bare.values())
-    # Two paced rounds of 2 s at 30 fps: more frames than one round could have delivered.
-    paced = json.loads((tmp_path / "rate" / "bench.json").read_text())["summary"]
-    assert paced["frames"] > 30 * 2 + 1
     closed = json.loads((tmp_path / "closed-loop" / "bench.json").read_text())
     assert closed["config"]["mode"] == "closed_loop" and closed["real_verdicts_per_s"] > 0
     naive = closed["naive"]
