@@ -516,7 +516,7 @@ class Pipeline:
         self.metrics.batch_size.observe(len(batch))
         now = self._clock_ns()
         hop: dict[str, float] = {"ipc": max(0.0, (now - sent_ns - out.compute_ns) / _MS)}
-        if out.answered_ns:  # a worker process: the hop's two legs and the wait inside
+        if out.answered_ns:  # a worker process stamped both ends: the hop's two legs
             hop["ipc_to_worker"] = (out.received_ns - sent_ns) / _MS
             hop["ipc_from_worker"] = (now - out.answered_ns) / _MS
         for job, decision in zip(batch, out.decisions, strict=True):

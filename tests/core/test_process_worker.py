@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -137,8 +138,6 @@ def test_the_hop_is_stamped_at_both_ends_on_the_clock_every_process_shares(
     """The pipeline splits the worker hop into its two legs (``ipc_to_worker``,
     ``ipc_from_worker``) from the worker's receive and answer times: they must lie between the
     daemon's send and its receipt, with the worker's own compute time between them."""
-    import time
-
     frames = _frames(demo_package)
 
     async def main() -> list[tuple[int, int, int, int, int]]:
