@@ -83,9 +83,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"latency capture->PLC ack ms: p50 {e2e['p50']:.1f}  p99 {e2e['p99']:.1f}  "
         f"max {e2e['max']:.1f}  (n={e2e['n']})",
     ]
+    width = max((len(stage) for stage in s["stages_ms"]), default=0)
     for stage, st in s["stages_ms"].items():
         lines.append(
-            f"  {stage:<12} p50 {st['p50']:7.2f}  p99 {st['p99']:7.2f}  max {st['max']:7.2f}"
+            f"  {stage:<{width}} p50 {st['p50']:7.2f}  p99 {st['p99']:7.2f}  max {st['max']:7.2f}"
         )
     for cam, st in (s.get("cameras") or {}).items():
         losses = {k: st.get(k) for k in _CAMERA_LOSSES if st.get(k)}
