@@ -91,6 +91,20 @@ def stop_pid(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
 _MBPOLL_LINE = re.compile(r"^\[(\d+)\]:\s+0x([0-9A-Fa-f]{4})\s*$")
 
 
+def mbpoll_write(port: int, address: int, values: list[int], unit: int = 1) -> None:
+    """Holding registers written by Debian's mbpoll (libmodbus), as a PLC program or an
+    operator's tool would: an independent Modbus client."""
+    exe = shutil.which("mbpoll")
+    assert exe, "mbpoll missing: apt-get install mbpoll"
+    subprocess.run(
+        [exe, "-m", "tcp", "-p", str(port), "-a", str(unit), "-0", "-r", str(address),
+         "-t", "4", "-1", "127.0.0.1", *(str(v) for v in values)],
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+
+
 def mbpoll_read(port: int, address: int, count: int, unit: int = 1) -> list[int]:
     """Holding registers read by Debian's mbpoll (libmodbus), an independent Modbus client."""
     exe = shutil.which("mbpoll")

@@ -8,8 +8,6 @@ docs/plc-register-map.md, not recomputed with plc.layout.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +18,7 @@ from plc.modbus import ModbusLink
 from plc.record import Alarm, DecisionRecord, Verdict, WriteOutcome
 from plc.sim import ModbusPlcSimulator
 from tests.plc.conftest import Peer
-from tests.support import free_port, mbpoll_read
+from tests.support import free_port, mbpoll_read, mbpoll_write
 
 MS = 1_000_000
 
@@ -130,17 +128,8 @@ async def test_one_request_per_record_and_serialised_concurrent_writers(
 
 
 async def test_part_id_announced_by_the_plc_is_read(pymodbustcp_server: Peer) -> None:
-    mbpoll = shutil.which("mbpoll")
-    assert mbpoll
     # camera 1's part id at 200 + 1*2, written by an independent client (mbpoll) as the PLC would
-    cmd = [mbpoll, "-m", "tcp", "-p", str(pymodbustcp_server.port), "-a", "1", "-0", "-r", "202"]
-    await asyncio.to_thread(
-        subprocess.run,
-        [*cmd, "-t", "4", "-1", "127.0.0.1", "4660", "22136"],
-        check=True,
-        capture_output=True,
-        timeout=10,
-    )
+    await asyncio.to_thread(mbpoll_write, pymodbustcp_server.port, 202, [4660, 22136])
     link = await started(ModbusSettings(port=pymodbustcp_server.port))
     try:
         assert await link.read_part_id(1, deadline(200)) == 0x12345678

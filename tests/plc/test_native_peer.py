@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from edge import bench
 from plc import native_peer
-from tests.support import mbpoll_read
+from tests.support import mbpoll_read, mbpoll_write
 
 
 def test_built_once_per_source_version_and_written_by_a_client_we_did_not_write(
@@ -19,9 +18,7 @@ def test_built_once_per_source_version_and_written_by_a_client_we_did_not_write(
     mtime = binary.stat().st_mtime_ns
     assert native_peer.build(tmp_path) == binary and binary.stat().st_mtime_ns == mtime
     with bench.plc_process(1, binary) as port:
-        subprocess.run(["mbpoll", "-m", "tcp", "-p", str(port), "-a", "1", "-0", "-r", "1000",
-                        "-t", "4", "-1", "127.0.0.1", "4242"], check=True, capture_output=True,
-                       timeout=10)
+        mbpoll_write(port, 1000, [4242])
         assert mbpoll_read(port, 1000, 1) == [4242]
 
 
