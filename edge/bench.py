@@ -43,6 +43,7 @@ import typer
 from edge.config import DEMO_CONFIG, LineConfig, load_config
 from edge.pipeline import usable_cpus
 from edge.stats import percentiles
+from plc import native_peer
 
 
 def bench_config(
@@ -109,8 +110,6 @@ PLC_PEERS = ("auto", "native", "sim")
 
 def resolve_plc_peer(choice: str, build_dir: Path) -> tuple[str, Path | None]:
     """("native", binary) or ("sim", None). `auto` takes the native server where it builds."""
-    from plc import native_peer
-
     if choice == "sim":
         return "sim", None
     try:
@@ -403,7 +402,7 @@ def bench_command(
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-bench-"))
         try:
             plc_peer, native = resolve_plc_peer(plc, Path(tmp))
-        except RuntimeError as exc:
+        except native_peer.PeerUnavailable as exc:
             typer.echo(f"--plc native: {exc}; or use --plc sim", err=True)
             raise typer.Exit(2) from None
         port = stack.enter_context(plc_process(cameras, native))
