@@ -82,7 +82,8 @@ class PipelineSettings(BaseModel):
     the preprocess of its next (edge/inference.py). "auto": when the network leaves a core for
     that work, i.e. it runs on a GPU or the workers' inference threads are fewer than the CPUs.
     Where every core already infers it only added thread switches (2 workers x 1 thread on 2
-    vCPUs: 310-342 against 330-340 decisions/s)."""
+    vCPUs: 310-342 against 330-340 decisions/s). An overlapped worker that was idle still runs a
+    batch with nothing behind it in its own thread (WorkerLoop.INLINE_AFTER_IDLE_S)."""
     worker_no_preempt: bool = True
     """Run worker processes under SCHED_BATCH (Linux): a worker woken by a new batch takes a free
     core instead of preempting the daemon's loop on its own (edge/inference.py)."""

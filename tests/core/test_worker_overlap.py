@@ -1,6 +1,8 @@
 """The worker's loop (issue 11): with overlap, the next batch is received and preprocessed while
-one is in the network; without, each batch goes through in turn. Either way every batch is
-answered once, in order, bad ones as errors, and a stop still answers what was handed over.
+one is in the network; without, each batch goes through in turn. A batch that finds an
+overlapped worker idle, with nothing behind it, runs in the loop's own thread (nothing to overlap
+with). Either way every batch is answered once, in order, bad ones as errors, and a stop still
+answers what was handed over.
 
 These run `WorkerLoop` in a thread of the test over a real pipe and real shared memory, with a
 detector that records the order of its steps; tests/core/test_process_worker.py runs the real
@@ -12,7 +14,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ class StepDetector(FakeDetector):
         self.hold_first = hold_first
         self.second_staged = threading.Event()
         self.first_saw_second_staged: bool | None = None
+        self.infer_threads: list[str] = []
 
     def preprocess(self, image: np.ndarray) -> Prepared:
         n = int(image[0, 0, 0])
@@ -57,6 +60,7 @@ class StepDetector(FakeDetector):
         if n == 1 and self.hold_first:
             self.first_saw_second_staged = self.second_staged.wait(STEP_TIMEOUT_S)
         self.steps.append(("infer", n))
+        self.infer_threads.append(threading.current_thread().name)
         if n == 3:
             raise ModelError("injected failure")
         return [batch]
@@ -69,13 +73,20 @@ def _frame(n: int) -> np.ndarray:
 
 
 @contextmanager
-def _serving(det: StepDetector, overlap: bool) -> Iterator[Any]:
-    """A WorkerLoop serving in a thread; yields the daemon's end of its pipe."""
+def _serving(
+    det: StepDetector,
+    overlap: bool,
+    inline_after_idle_s: float | None = WorkerLoop.INLINE_AFTER_IDLE_S,
+    queued: Callable[[Any], None] = lambda _conn: None,
+) -> Iterator[Any]:
+    """A WorkerLoop serving in a thread (named "serve"); yields the daemon's end of its pipe.
+    ``queued`` sends batches before the loop starts: they all wait in the pipe at once."""
     parent, child = mp.Pipe(duplex=True)
     rules = {0: DecisionRules(DecisionSettings(), det.info.classes)}
-    loop = WorkerLoop(child, det, rules, overlap=overlap)
+    loop = WorkerLoop(child, det, rules, overlap=overlap, inline_after_idle_s=inline_after_idle_s)
     reader = SlotReader()
     done = threading.Event()
+    queued(parent)
 
     def serve() -> None:
         try:
@@ -85,7 +96,7 @@ def _serving(det: StepDetector, overlap: bool) -> Iterator[Any]:
             reader.close()
             done.set()
 
-    t = threading.Thread(target=serve, daemon=True)
+    t = threading.Thread(target=serve, name="serve", daemon=True)
     t.start()
     try:
         yield parent
@@ -114,11 +125,15 @@ def _answers(conn: Any, n: int) -> list[tuple[str, int | None, Any]]:
 
 
 def _two_batches(det: StepDetector, overlap: bool) -> list[tuple[str, int | None, Any]]:
+    """Two batches that wait in the pipe together (a backlog, as under load)."""
     slots = SlotPool(4)
+
+    def queue_both(conn: Any) -> None:
+        _send(conn, slots, 1, [1])
+        _send(conn, slots, 2, [2])
+
     try:
-        with _serving(det, overlap=overlap) as conn:
-            _send(conn, slots, 1, [1])
-            _send(conn, slots, 2, [2])
+        with _serving(det, overlap=overlap, queued=queue_both) as conn:
             return _answers(conn, 2)
     finally:
         slots.close()
@@ -129,7 +144,31 @@ def test_overlapped_worker_preprocesses_the_next_batch_while_one_is_in_the_netwo
     answers = _two_batches(det, overlap=True)
     assert det.first_saw_second_staged is True, det.steps
     assert det.steps.index(("pre", 2)) < det.steps.index(("infer", 1))
+    assert det.infer_threads == ["infer", "infer"]
     assert [(kind, bid) for kind, bid, _ in answers] == [("ok", 1), ("ok", 2)]
+
+
+@pytest.mark.parametrize(("idle_s", "where"), [(0.0, "serve"), (3600.0, "infer")])
+def test_a_batch_alone_runs_in_the_loops_thread_once_the_worker_has_been_idle(
+    idle_s: float, where: str
+) -> None:
+    """One batch at a time, each answered before the next is sent (a camera at 60 fps): with the
+    worker idle for `inline_after_idle_s` and nothing behind the batch, the network runs in the
+    loop's own thread; a worker that has not been idle that long still hands it over."""
+    det = StepDetector()
+    slots = SlotPool(4)
+    try:
+        with _serving(det, overlap=True, inline_after_idle_s=idle_s) as conn:
+            answers = []
+            for n in (1, 2, 4):
+                _send(conn, slots, n, [n])
+                answers += _answers(conn, 1)
+    finally:
+        slots.close()
+    assert det.infer_threads == [where] * 3
+    assert [(kind, bid) for kind, bid, _ in answers] == [("ok", 1), ("ok", 2), ("ok", 4)]
+    assert det.steps == [("pre", 1), ("infer", 1), ("pre", 2), ("infer", 2), ("pre", 4),
+                         ("infer", 4)]
 
 
 def test_serial_worker_takes_each_batch_through_in_turn() -> None:
@@ -139,17 +178,19 @@ def test_serial_worker_takes_each_batch_through_in_turn() -> None:
     assert [(kind, bid) for kind, bid, _ in answers] == [("ok", 1), ("ok", 2)]
 
 
-@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize(("overlap", "inline_after_idle_s"), [(True, None), (True, 0.0),
+                                                              (False, None)])
 def test_bad_batches_are_errors_in_order_and_a_stop_still_answers_what_was_handed_over(
-    overlap: bool,
+    overlap: bool, inline_after_idle_s: float | None
 ) -> None:
     """An unknown recipe (decide fails) and a failing network are each one batch's error; the
     batches around them still get their verdicts. The stop message comes right behind them:
-    nothing handed over is dropped."""
+    nothing handed over is dropped. With inlining allowed, batches that find the pipe empty run
+    in the loop's thread and the others in the network's: the outcome is the same."""
     det = StepDetector()
     slots = SlotPool(8)
     try:
-        with _serving(det, overlap=overlap) as conn:
+        with _serving(det, overlap=overlap, inline_after_idle_s=inline_after_idle_s) as conn:
             _send(conn, slots, 1, [1])
             _send(conn, slots, 2, [2], recipe=7)
             _send(conn, slots, 3, [3])
