@@ -311,9 +311,10 @@ class WorkerLoop:
         self._pipe_poll = select.poll()  # is another batch already waiting?
         self._pipe_poll.register(conn.fileno(), select.POLLIN)
         self._stats_due: collections.deque[BatchOutput] = collections.deque()
-        self._done: collections.deque[tuple[int, StagedBatch, bool, Exception | None, bool]] = (
+        self._done: collections.deque[tuple[int, StagedBatch, bool, Exception | None]] = (
             collections.deque()
         )
+        """Batches the network's thread has run, waiting for this thread to answer them."""
         self._jobs: queue.SimpleQueue[tuple[int, StagedBatch, bool] | None] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()  # the inference thread wakes this one's poll
         os.set_blocking(self._wake_r, False)
@@ -322,17 +323,18 @@ class WorkerLoop:
             self._thread = threading.Thread(target=self._infer_loop, name="infer", daemon=True)
             self._thread.start()
 
-    def _infer(self, batch_id: int, batch: StagedBatch, masks: bool, threaded: bool) -> None:
-        err: Exception | None = None
+    def _infer(self, batch: StagedBatch) -> Exception | None:
+        """Run the network; its failure is answered as that batch's error."""
         try:
             infer_staged(self._detector, batch)
-        except Exception as exc:  # answered as that batch's error
-            err = exc
-        self._done.append((batch_id, batch, masks, err, threaded))
+        except Exception as exc:
+            return exc
+        return None
 
     def _infer_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
-            self._infer(*job, threaded=True)
+            batch_id, batch, masks = job
+            self._done.append((batch_id, batch, masks, self._infer(batch)))
             os.write(self._wake_w, b"\0")
 
     def serve(self, reader: SlotReader) -> None:
@@ -380,8 +382,8 @@ class WorkerLoop:
             self._in_thread += 1
             self._jobs.put((batch_id, batch, masks))
         else:
-            self._infer(batch_id, batch, masks, threaded=False)
-            self._finish_done()
+            self._answer(batch_id, batch, masks, self._infer(batch))
+            self._idle_since_ns = time.monotonic_ns()
 
     def _idle_for_inline(self, now_ns: int) -> bool:
         """Nothing in hand for a while and nothing waiting: no next batch to overlap with."""
@@ -395,8 +397,8 @@ class WorkerLoop:
 
     def _finish_done(self) -> None:
         while self._done:
-            batch_id, batch, masks, err, threaded = self._done.popleft()
-            self._in_thread -= threaded
+            batch_id, batch, masks, err = self._done.popleft()
+            self._in_thread -= 1
             self._answer(batch_id, batch, masks, err)
         if self._in_thread == 0:
             self._idle_since_ns = time.monotonic_ns()
