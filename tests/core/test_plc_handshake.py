@@ -306,22 +306,27 @@ def test_unknown_write_later_confirmed_updates_its_event(
         def seen(event: str) -> list[dict[str, object]]:
             return [x for x in d.lines if x.get("event") == event]
 
-        # The write caught by the stall may be the heartbeat (status) instead of a decision
-        # record; only a record has an event to amend, so stall again until a record's was.
+        # The request caught by the stall may be a read of the PLC's inputs (nothing to
+        # confirm) or the heartbeat (status) write instead of a decision record; only a record
+        # has an event to amend, so stall again until a record's write was caught.
         for _attempt in range(5):
             stalls, confirmed = len(seen("plc_unavailable")), len(seen("plc_write_confirmed"))
+            backs = len(seen("plc_back"))
             os.killpg(plc.proc.pid, signal.SIGSTOP)
             try:
                 wait_until(lambda n=stalls: len(seen("plc_unavailable")) > n, 10,
-                           "a write in limbo")
+                           "a request in limbo")
             finally:
                 os.killpg(plc.proc.pid, signal.SIGCONT)
+            if "outcome unknown" not in str(seen("plc_unavailable")[stalls]["error"]):
+                wait_until(lambda n=backs: len(seen("plc_back")) > n, 20, "the PLC back")
+                continue
             wait_until(lambda n=confirmed: len(seen("plc_write_confirmed")) > n, 20,
                        "the read-back")
             if any(str(x["write"]).startswith("cam") for x in seen("plc_write_confirmed")):
                 break
         else:
-            raise AssertionError("5 stalls caught only heartbeat writes")
+            raise AssertionError("5 stalls caught no decision record's write")
         assert stop(d) == 0
     with sqlite3.connect(tmp_path / "spool" / "spool.db") as conn:
         events = [json.loads(p) for (p,) in conn.execute("SELECT payload FROM events")]
