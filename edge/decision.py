@@ -116,15 +116,22 @@ class DecisionRules:
         return self.settings.camera_roi.get(camera_id, self.settings.roi)
 
     def decide(
-        self, detections: Sequence[Detection], image_shape: tuple[int, ...], camera_id: str
+        self,
+        detections: Sequence[Detection],
+        image_shape: tuple[int, ...],
+        camera_id: str,
+        *,
+        masks: bool = True,
     ) -> Decision:
+        """``masks`` False: the area inside the ROI is the box overlap even where a detection
+        carries a mask (`PipelineSettings.masks`)."""
         roi = self.roi_for(camera_id)
         counted: list[Detection] = []
         for det in detections:
             name = det.class_name
             if name in self.ignored or det.score < self.min_score.get(name, 1.1):
                 continue
-            area = det.area_px if roi is None else _area_in_roi(det, roi, image_shape)
+            area = det.area_px if roi is None else _area_in_roi(det, roi, image_shape, masks)
             if area < max(self.min_area.get(name, 0), 1):
                 continue
             counted.append(det)
@@ -134,14 +141,15 @@ class DecisionRules:
         return Decision(Verdict.DEFECT, f"defect:{best.class_name}", best, tuple(counted))
 
 
-def _area_in_roi(det: Detection, roi: Roi, image_shape: tuple[int, ...]) -> int:
-    """Defect pixels inside the ROI: the mask when present, else the box overlap."""
+def _area_in_roi(det: Detection, roi: Roi, image_shape: tuple[int, ...], masks: bool) -> int:
+    """Defect pixels inside the ROI: the mask when present (and ``masks``), else the box
+    overlap."""
     h, w = int(image_shape[0]), int(image_shape[1])
     x0, y0 = min(roi.x, w), min(roi.y, h)
     x1, y1 = min(roi.x + roi.width, w), min(roi.y + roi.height, h)
     if x1 <= x0 or y1 <= y0:
         return 0
-    if det.mask is not None:
+    if masks and det.mask is not None:
         mx, my = det.mask_origin
         return int(np.count_nonzero(det.mask[max(0, y0 - my) : y1 - my, max(0, x0 - mx) : x1 - mx]))
     bx0, by0, bx1, by1 = det.box

@@ -43,6 +43,7 @@ from edge.decision import Decision, DecisionRules
 from edge.logs import configure_logging
 from edge.shm import SlotPool, SlotReader, SlotRef
 from models.config import ModelSettings
+from models.decode import outlined
 from models.drift import FrameStats, frame_stats
 from models.imagestats import downscaled_gray
 from models.loader import load_detector
@@ -86,10 +87,11 @@ class BatchItem:
     """Also compute the frame's drift statistics (a sample of frames: models.drift.FrameSampler)."""
 
 
-def _without_masks(decision: Decision) -> Decision:
-    if all(d.mask is None for d in decision.counted):  # decoded without masks: nothing to strip
+def _outlined(decision: Decision) -> Decision:
+    """The decision as it goes back: counted detections outlined, no masks (they stay here)."""
+    if not decision.counted:
         return decision
-    counted = tuple(dataclasses.replace(d, mask=None) for d in decision.counted)
+    counted = tuple(outlined(d) for d in decision.counted)
     deciding = None
     if decision.deciding is not None:
         deciding = counted[decision.counted.index(decision.deciding)]
@@ -132,19 +134,22 @@ def finish_batch(
     buffer the next inference overwrites), so this may run beside the next batch's inference."""
     t2 = time.perf_counter_ns()
     items = batch.items
+    # Masks are kept for the outlines, which only the counted detections get (after deciding).
     detections = [
         d
         for c, out in zip(batch.chunks, batch.outputs, strict=True)
-        for d in detector.postprocess(out, c, masks=masks)
+        for d in detector.postprocess(out, c, masks=True, outlines=False)
     ]
     t3 = time.perf_counter_ns()
-    decisions = []
+    decided = []
     for dets, it in zip(detections, items, strict=True):
         recipe_rules = rules.get(it.recipe)
         if recipe_rules is None:
             raise ModelError(f"no decision rules for recipe {it.recipe}")
-        decisions.append(_without_masks(recipe_rules.decide(dets, it.image.shape, it.camera_id)))
+        decided.append(recipe_rules.decide(dets, it.image.shape, it.camera_id, masks=masks))
     t4 = time.perf_counter_ns()
+    decisions = [_outlined(d) for d in decided]
+    t5 = time.perf_counter_ns()
     later = [
         (it.camera_id, downscaled_gray(it.image), dets, d.verdict is Verdict.DEFECT)
         for it, dets, d in zip(items, detections, decisions, strict=True)
@@ -155,10 +160,10 @@ def finish_batch(
         {
             "preprocess": batch.preprocess_ns / _MS,
             "infer": batch.infer_ns / _MS,
-            "postprocess": (t3 - t2) / _MS,
+            "postprocess": (t3 - t2 + t5 - t4) / _MS,
             "decide": (t4 - t3) / _MS,
         },
-        batch.preprocess_ns + batch.infer_ns + (t4 - t2),
+        batch.preprocess_ns + batch.infer_ns + (t5 - t2),
         later or None,
     )
 

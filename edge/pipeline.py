@@ -99,7 +99,8 @@ class PipelineSettings(BaseModel):
     """Inference in worker processes (a hung model is killed and respawned, and decode never
     competes with the deadline timers for the GIL) or in threads of the daemon."""
     masks: bool = True
-    """Decode per-instance masks (area inside the ROI, outlines in events)."""
+    """Count the defect pixels inside a region of interest from the instance masks; False:
+    from the box overlap (coarser). Areas and outlines come from the masks either way."""
     cpu_latency_us: int | None = Field(default=0, ge=0, le=1_000_000)
     """PM QoS limit on CPU wake-up latency while the daemon runs (edge/cpulatency.py): waking
     an idle core cost ~0.2 ms per process hop, ~0.8 ms per part at 60 fps. None: leave it."""

@@ -105,8 +105,8 @@ def compare_decisions(
             t2 = time.perf_counter()
             t_ref.append((t1 - t0) * 1e3)
             t_cand.append((t2 - t1) * 1e3)
-            da = reference.postprocess(out_a, [p], masks=False)[0]
-            db = candidate.postprocess(out_b, [p], masks=False)[0]
+            da = reference.postprocess(out_a, [p], masks=False, outlines=False)[0]
+            db = candidate.postprocess(out_b, [p], masks=False, outlines=False)[0]
             va, vb = is_defect(ref_pkg, da), is_defect(cand_pkg, db)
             top_a = max((d.score for d in da), default=0.0)
             top_b = max((d.score for d in db), default=0.0)

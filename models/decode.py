@@ -20,6 +20,7 @@ own predict on the same ONNX file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ MAX_WH = 7680
 """ultralytics' per-class box offset for class-aware NMS in one pass."""
 MAX_NMS = 30000
 """ultralytics' cap on candidates entering NMS (top scores kept)."""
+OUTLINE_EPSILON_PX = 1.0
+"""approxPolyDP tolerance floor; the effective tolerance is max(this, 1% of the perimeter)."""
 NMS_MATRIX_MAX = 512
 """Up to this many candidates NMS computes the whole IoU matrix at once (1 MB of float32 at
 512); above it, one row per kept box, in memory linear in the candidates."""
@@ -51,8 +54,6 @@ class DecodeParams:
     conf: float = 0.25
     iou: float = 0.7
     max_det: int = 300
-    outline_epsilon_px: float = 1.0
-    """approxPolyDP tolerance floor; the effective tolerance is max(this, 1% of the perimeter)."""
 
 
 def params_for(settings: ModelSettings, manifest: Manifest) -> DecodeParams:
@@ -279,19 +280,31 @@ class MaskMapper:
         return got
 
 
-def _outline(
-    roi: np.ndarray, offset: tuple[int, int], eps_floor: float
-) -> tuple[tuple[int, int], ...]:
+def _outline(roi: np.ndarray, offset: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     contours, _ = cv2.findContours(
         roi.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=offset
     )
     if not contours:
         return ()
     c = max(contours, key=cv2.contourArea)
-    eps = max(eps_floor, 0.01 * cv2.arcLength(c, True))
+    eps = max(OUTLINE_EPSILON_PX, 0.01 * cv2.arcLength(c, True))
     poly = cv2.approxPolyDP(c, eps, True).reshape(-1, 2)
     points = cast(list[list[int]], poly.tolist())  # 7x faster than int() per numpy scalar
     return tuple((x, y) for x, y in points)
+
+
+def outlined(det: Detection) -> Detection:
+    """``det`` with its outline drawn from its mask, and the mask dropped.
+
+    The outline is a third of a frame's decode time and only the detections a decision counts
+    carry one into an event, so the pipeline decodes with ``outlines=False`` and outlines these
+    afterwards. A detection without a mask (decoded without one, or outlined already) is
+    returned as it is.
+    """
+    if det.mask is None:
+        return det
+    outline = det.outline or _outline(det.mask, det.mask_origin)
+    return dataclasses.replace(det, mask=None, outline=outline)
 
 
 def decode_image(
@@ -303,12 +316,14 @@ def decode_image(
     params: DecodeParams,
     *,
     masks: bool = True,
+    outlines: bool = True,
     mapper: MaskMapper | None = None,
 ) -> list[Detection]:
     """Decode one image: pred [4+nc+32, N], protos [32, mh, mw] -> detections, best first.
 
-    Areas and outlines are always computed (the decision and the events need them); the
-    box-local boolean mask is kept only when ``masks`` is True.
+    Areas are always computed (the decision needs them); the box-local boolean mask is kept
+    only when ``masks`` is True, the outline drawn only when ``outlines`` is True (`outlined`
+    draws it later from the mask).
     """
     nc = len(class_names)
     if protos.ndim != 3 or protos.shape[0] != NUM_MASK_COEFFS:
@@ -348,7 +363,7 @@ def decode_image(
                 area_px=area,
                 mask=roi if masks else None,
                 mask_origin=(c0, r0),
-                outline=_outline(roi, (c0, r0), params.outline_epsilon_px),
+                outline=_outline(roi, (c0, r0)) if outlines else (),
             )
         )
     return out
@@ -362,6 +377,7 @@ def postprocess(
     params: DecodeParams,
     *,
     masks: bool = True,
+    outlines: bool = True,
     mapper: MaskMapper | None = None,
 ) -> list[list[Detection]]:
     """Batch decode: outputs = [output0 (B, 4+nc+32, N), output1 (B, 32, mh, mw)]."""
@@ -387,6 +403,7 @@ def postprocess(
             class_names,
             params,
             masks=masks,
+            outlines=outlines,
             mapper=mapper,
         )
         for i, p in enumerate(prepared)
@@ -400,6 +417,7 @@ __all__ = [
     "letterbox_params",
     "limit_blas_threads",
     "nms",
+    "outlined",
     "params_for",
     "postprocess",
     "scale_boxes",

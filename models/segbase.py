@@ -42,7 +42,12 @@ class SegDetectorBase:
         return preprocess(image, self._input_hw, self._dtype)
 
     def postprocess(
-        self, outputs: list[np.ndarray], prepared: Sequence[Prepared], *, masks: bool = True
+        self,
+        outputs: list[np.ndarray],
+        prepared: Sequence[Prepared],
+        *,
+        masks: bool = True,
+        outlines: bool = True,
     ) -> list[list[Detection]]:
         return postprocess(
             outputs,
@@ -51,6 +56,7 @@ class SegDetectorBase:
             self._input_hw,
             self._params,
             masks=masks,
+            outlines=outlines,
             mapper=self._mapper,
         )
 

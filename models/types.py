@@ -99,7 +99,14 @@ class Detector(Protocol):
         ...
 
     def postprocess(
-        self, outputs: list[np.ndarray], prepared: Sequence[Prepared], *, masks: bool = True
-    ) -> list[list[Detection]]: ...
+        self,
+        outputs: list[np.ndarray],
+        prepared: Sequence[Prepared],
+        *,
+        masks: bool = True,
+        outlines: bool = True,
+    ) -> list[list[Detection]]:
+        """Detections per image, best first; ``masks``/``outlines`` False leave them out."""
+        ...
 
     def close(self) -> None: ...

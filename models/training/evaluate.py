@@ -167,7 +167,7 @@ def score_images(
                 raise ValueError(f"{path}: unreadable image")
             prep = det.preprocess(img)
             out = det.infer(prep.tensor)
-            dets = det.postprocess(out, [prep], masks=False)[0]
+            dets = det.postprocess(out, [prep], masks=False, outlines=False)[0]
             s, c = image_score(dets, min_area_px or {})
             ids = _label_classes(label_path_for(path))
             scores.append(s)

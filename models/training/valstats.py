@@ -84,7 +84,7 @@ def compute_validation_stats(
                 skipped.append(path.name)
                 continue
             prep = det.preprocess(img)
-            dets = det.postprocess(det.infer(prep.tensor), [prep], masks=False)[0]
+            dets = det.postprocess(det.infer(prep.tensor), [prep], masks=False, outlines=False)[0]
             defect = any(
                 d.score >= thr[d.class_name] and d.area_px >= min_area.get(d.class_name, 0)
                 for d in dets

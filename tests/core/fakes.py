@@ -44,7 +44,12 @@ class FakeDetector:
         return [batch]
 
     def postprocess(
-        self, outputs: list[np.ndarray], prepared: Sequence[Prepared], *, masks: bool = True
+        self,
+        outputs: list[np.ndarray],
+        prepared: Sequence[Prepared],
+        *,
+        masks: bool = True,
+        outlines: bool = True,
     ) -> list[list[Detection]]:
         return [[] for _ in prepared]
 

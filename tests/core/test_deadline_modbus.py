@@ -61,9 +61,14 @@ class Faulty:
         return out
 
     def postprocess(
-        self, outputs: list[np.ndarray], prepared: Sequence[Prepared], *, masks: bool = True
+        self,
+        outputs: list[np.ndarray],
+        prepared: Sequence[Prepared],
+        *,
+        masks: bool = True,
+        outlines: bool = True,
     ) -> list[list[Detection]]:
-        return self.inner.postprocess(outputs, prepared, masks=masks)
+        return self.inner.postprocess(outputs, prepared, masks=masks, outlines=outlines)
 
     def close(self) -> None:
         self.release.set()

@@ -113,7 +113,8 @@ def test_decisions_come_back_without_masks_whether_or_not_they_were_decoded(
     demo_package: Path,
 ) -> None:
     """Masks stay in the worker (the ROI area is computed there); with and without them the
-    verdicts, areas and outlines that go back are the same."""
+    verdicts, areas and outlines that go back are the same, and the outlines drawn after the
+    decision are those a full decode draws."""
     from edge.inference import run_batch
     from models.loader import load_detector
 
@@ -124,11 +125,16 @@ def test_decisions_come_back_without_masks_whether_or_not_they_were_decoded(
         items = [BatchItem(f, "cam0") for f in _frames(demo_package)]
         with_masks = run_batch(det, rules, items, masks=True).decisions
         without = run_batch(det, rules, items, masks=False).decisions
+        full = [d for it in items for d in det.detect(it.image)]  # outlined in the decode
     finally:
         det.close()
     assert any(d.counted for d in with_masks), "the demo samples should hold detections"
     assert with_masks == without
     assert all(x.mask is None for d in with_masks for x in d.counted)
+    # Only counted detections are outlined (after deciding), exactly as a full decode draws them.
+    for x in (x for d in with_masks for x in d.counted):
+        assert len(x.outline) >= 3
+        assert x.outline == next(y.outline for y in full if y.box == x.box and y.score == x.score)
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.decode import DecodeParams, _axis_maps, _bilinear_matrix, decode_image, nms, scale_boxes
+from models.decode import (
+    DecodeParams,
+    _axis_maps,
+    _bilinear_matrix,
+    decode_image,
+    nms,
+    outlined,
+    scale_boxes,
+)
 from models.package import NUM_MASK_COEFFS
 from models.preprocess import letterbox, preprocess
 from models.types import ModelError
@@ -280,6 +288,21 @@ def test_outline_is_a_polygon_inside_the_mask_box() -> None:
     )
     assert [d.area_px for d in no_masks] == [d.area_px for d in dets]
     assert all(d.mask is None for d in no_masks)
+
+
+def test_an_outline_drawn_later_from_the_mask_is_the_one_decode_draws() -> None:
+    """The pipeline decodes without outlines and outlines only what its decision counted."""
+    rng = np.random.default_rng(7)
+    pred, protos = _fake_output(rng, 2, 2100, (320, 320))
+    args = (pred, protos, (480, 640), (320, 320), ["a", "b"], DecodeParams())
+    full = decode_image(*args)
+    bare = decode_image(*args, outlines=False)
+    assert len(full) > 3 and all(d.outline == () and d.mask is not None for d in bare)
+    assert [(d.score, d.area_px, d.box) for d in bare] == [(d.score, d.area_px, d.box) for d in full]
+    later = [outlined(d) for d in bare]
+    assert [d.outline for d in later] == [d.outline for d in full]
+    assert all(d.mask is None for d in later)
+    assert outlined(later[0]) is later[0]  # no mask left: nothing to do
 
 
 def test_conf_floor_never_exceeds_a_decision_threshold() -> None:
