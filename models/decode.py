@@ -148,6 +148,20 @@ def nms(
     return np.asarray(keep, dtype=np.int64)
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+_NOTHING = (
+    _frozen(np.zeros((0, 4), np.float32)),
+    _frozen(np.zeros(0, np.float32)),
+    _frozen(np.zeros(0, np.int64)),
+    _frozen(np.zeros((0, NUM_MASK_COEFFS), np.float32)),
+)
+"""What `select` returns without a candidate (shared, so read-only)."""
+
+
 def select(
     pred: np.ndarray, nc: int, params: DecodeParams
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -159,15 +173,13 @@ def select(
         )
     pred = pred.astype(np.float32, copy=False)
     cls_scores = pred[4 : 4 + nc]
+    # Most frames of a line hold no candidate at all: one reduction answers that (~20 us right
+    # after an inference, against ~50 for the three steps below). NaN goes the long way.
+    if cls_scores.max() <= params.conf:
+        return _NOTHING
     cand = np.flatnonzero(cls_scores.max(axis=0) > params.conf)
-    empty = (
-        np.zeros((0, 4), np.float32),
-        np.zeros(0, np.float32),
-        np.zeros(0, np.int64),
-        np.zeros((0, NUM_MASK_COEFFS), np.float32),
-    )
     if cand.size == 0:
-        return empty
+        return _NOTHING
     x = pred[:, cand].T  # (k, 4+nc+32)
     xy, wh = x[:, :2], x[:, 2:4] / 2
     boxes = np.concatenate([xy - wh, xy + wh], axis=1)

@@ -21,6 +21,7 @@ from models.decode import (
     nms,
     outlined,
     scale_boxes,
+    select,
 )
 from models.package import NUM_MASK_COEFFS
 from models.preprocess import letterbox, preprocess
@@ -273,6 +274,27 @@ def test_max_det_and_conf_are_applied() -> None:
     assert all(a.score >= b.score for a, b in itertools.pairwise(many))
 
 
+def test_a_frame_without_candidates_and_nan_scores_take_the_right_path() -> None:
+    """No score above the floor: nothing, from the shared read-only empties. A NaN score of one
+    anchor must not hide the candidates of the others (the one-reduction shortcut skips it)."""
+    rng = np.random.default_rng(8)
+    pred, protos = _fake_output(rng, 2, 2100, (320, 320))
+    args = ((320, 320), (320, 320), ["a", "b"], DecodeParams(conf=0.25))
+    full = decode_image(pred, protos, *args)
+    assert full
+    quiet = pred.copy()
+    quiet[4:6] = np.minimum(quiet[4:6], 0.2)
+    assert decode_image(quiet, protos, *args) == []
+    boxes, *_ = select(quiet, 2, DecodeParams(conf=0.25))
+    assert boxes.shape == (0, 4) and not boxes.flags.writeable
+    nan = pred.copy()
+    weak = int(np.argmin(pred[4:6].max(axis=0)))  # an anchor far below the floor
+    nan[4, weak] = np.nan
+    assert [(d.score, d.box, d.area_px) for d in decode_image(nan, protos, *args)] == [
+        (d.score, d.box, d.area_px) for d in full
+    ]
+
+
 def test_outline_is_a_polygon_inside_the_mask_box() -> None:
     rng = np.random.default_rng(6)
     pred, protos = _fake_output(rng, 2, 2100, (320, 320))
@@ -298,7 +320,8 @@ def test_an_outline_drawn_later_from_the_mask_is_the_one_decode_draws() -> None:
     full = decode_image(*args)
     bare = decode_image(*args, outlines=False)
     assert len(full) > 3 and all(d.outline == () and d.mask is not None for d in bare)
-    assert [(d.score, d.area_px, d.box) for d in bare] == [(d.score, d.area_px, d.box) for d in full]
+    same = [(d.score, d.area_px, d.box) for d in full]
+    assert [(d.score, d.area_px, d.box) for d in bare] == same
     later = [outlined(d) for d in bare]
     assert [d.outline for d in later] == [d.outline for d in full]
     assert all(d.mask is None for d in later)
