@@ -16,7 +16,8 @@ def test_bench_decode_reports_hot_and_cold_figures() -> None:
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"^12 frames from .*samples, model synth-demo$", r.stdout, re.M), r.stdout
+    assert re.search(r"^12 frames from .*samples, model synth-demo, CPU wake-up latency hint",
+                     r.stdout, re.M), r.stdout
     figures = r"mean \d+\.\d{3}  p50 \d+\.\d{3}  p99 \d+\.\d{3} ms"
     assert re.search(rf"^hot  \(per-frame medians\): {figures}; busiest frame", r.stdout, re.M)
     assert re.search(rf"^cold \(after each inference, 200 Hz, 12 decodes\): {figures}$",
