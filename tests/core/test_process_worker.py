@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,6 +18,7 @@ from edge.decision import DecisionRules, DecisionSettings
 from edge.inference import STATS_BACKLOG, BatchItem, ProcessWorker, StatsItem
 from models.config import ModelSettings
 from models.package import load_package
+from models.types import ModelError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling only")
 
@@ -135,6 +138,47 @@ def test_decisions_come_back_without_masks_whether_or_not_they_were_decoded(
     for x in (x for d in with_masks for x in d.counted):
         assert len(x.outline) >= 3
         assert x.outline == next(y.outline for y in full if y.box == x.box and y.score == x.score)
+
+
+def test_an_answer_crosses_the_pipe_as_plain_tuples_and_comes_back_equal(
+    demo_package: Path,
+) -> None:
+    """`pack_output` carries every field of the verdicts (the deciding detection as itself, not
+    a copy) in tuples and ints that pickle without running Python code; a malformed answer fails
+    its own batch, never the worker."""
+    from edge.inference import pack_output, run_batch, unpack_output
+    from models.loader import load_detector
+
+    classes = load_package(demo_package).manifest.classes
+    rules = {0: DecisionRules(DecisionSettings(), classes)}
+    det = load_detector(ModelSettings(package=demo_package, intra_op_threads=1, warmup_runs=0))
+    try:
+        out = run_batch(det, rules, [BatchItem(f, "cam0") for f in _frames(demo_package)], True)
+    finally:
+        det.close()
+    out.received_ns, out.answered_ns = 11, 22
+    assert any(d.deciding is not None for d in out.decisions)
+    wire = pickle.dumps(pack_output(out))
+    assert b"edge.decision" not in wire and b"plc.record" not in wire  # no class pickled
+    back = unpack_output(pickle.loads(wire))
+    assert back.decisions == out.decisions
+    for d in back.decisions:
+        assert d.deciding is None or any(d.deciding is x for x in d.counted)
+    assert (back.stages_ms, back.compute_ns, back.received_ns, back.answered_ns) == (
+        out.stages_ms, out.compute_ns, 11, 22)
+
+    async def malformed() -> None:
+        w = _worker(demo_package, slots=1, no_preempt=True)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        w._pending[7] = (fut, [])
+        w.inflight = 1
+        w._answer("ok", 7, ("not", "an", "answer"))
+        with pytest.raises(ModelError, match="unreadable answer from t0"):
+            await fut
+        assert w.inflight == 0 and not w._dead
+
+    asyncio.run(malformed())
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from edge.decision import DecisionRules, DecisionSettings
-from edge.inference import ProcessWorker, WorkerLoop
+from edge.inference import ProcessWorker, WorkerLoop, unpack_output
 from edge.pipeline import PipelineSettings
 from edge.shm import SlotPool, SlotReader
 from models.config import ModelSettings
@@ -205,7 +205,7 @@ def test_bad_batches_are_errors_in_order_and_a_stop_still_answers_what_was_hande
     ]
     assert "no decision rules for recipe 7" in answers[1][2]
     assert "injected failure" in answers[2][2]
-    assert len(answers[3][2].decisions) == 2
+    assert len(unpack_output(answers[3][2]).decisions) == 2
     assert det.steps.count(("infer", 4)) == 1  # frames 4 and 5: one batch, one network run
 
 
