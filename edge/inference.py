@@ -70,7 +70,7 @@ class BatchOutput:
     learns from (never the time a respawn, a full pipe or the batch before it took)."""
     stats_later: list[tuple[str, np.ndarray, list[Detection], bool]] | None = None
     """What the drift statistics are computed from AFTER the verdicts went back (camera,
-    downscaled gray copy, detections, defect); never pickled (see `drift_stats`)."""
+    downscaled gray copy, detections, defect); never sent back (`pack_output` leaves it out)."""
     received_ns: int = 0
     """`time.monotonic_ns()` (one clock for every process of the box) when a worker process
     received the batch, and when it sent the answer: they split the hop into its two legs."""
@@ -460,15 +460,13 @@ class WorkerLoop:
             if err is not None:
                 raise err
             out = finish_batch(self._detector, self._rules, batch, masks)
-            later, out.stats_later = out.stats_later, None
             out.received_ns = batch.received_ns
             out.answered_ns = time.monotonic_ns()
-            self._conn.send(("ok", batch_id, pack_output(out)))
+            self._conn.send(("ok", batch_id, pack_output(out)))  # without stats_later
         except Exception as exc:  # one bad batch is one set of fail-safes
             self._conn.send(("error", batch_id, f"{type(exc).__name__}: {exc}"))
             return
-        if later:
-            out.stats_later = later
+        if out.stats_later:
             self._stats_due.append(out)
         if len(self._stats_due) >= STATS_BACKLOG:  # sustained load: one per batch served
             self._send_stats()
