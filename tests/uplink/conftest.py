@@ -106,12 +106,20 @@ def kafka(tmp_path: Path) -> Iterator[Peer]:
         peer.kill()
 
 
-def weed_port() -> int:
-    """SeaweedFS also binds port+10000 (gRPC): both must be free and valid."""
-    while True:
-        port = free_port()
-        if port < 50000 and not port_open(port + 10000):
-            return port
+def weed_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """SeaweedFS also binds port+10000 (gRPC) for each: both must be free and valid, and no
+    port may be another's gRPC port (it refuses to start: "reserved for gRPC calculation")."""
+    taken: set[int] = set()
+    ports: dict[str, int] = {}
+    for name in names:
+        while True:
+            port = free_port()
+            if (port < 50000 and not port_open(port + 10000)
+                    and not {port, port + 10000} & taken):
+                break
+        taken |= {port, port + 10000}
+        ports[name] = port
+    return ports
 
 
 def weed_binary() -> str:
@@ -127,7 +135,7 @@ def start_weed(d: Path, access_key: str = S3_KEY, secret: str = S3_SECRET) -> Pe
         "credentials": [{"accessKey": access_key, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
-    ports = {name: weed_port() for name in ("master", "volume", "filer", "s3")}
+    ports = weed_ports(("master", "volume", "filer", "s3"))
     cmd = [
         weed_binary(), "mini", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
